@@ -23,7 +23,7 @@ _DECAPSULATORS = {
 _L3 = {ETH_IPV4: ipv4.parse, ETH_IPV6: ipv6.parse}
 _ETHERTYPE_OF_LINK = {"ipv4": ETH_IPV4, "ipv6": ETH_IPV6}
 # the length field must have been received for the wire length to be known
-_LENGTH_FIELD_END = {4: 4, 6: 6}
+_LENGTH_FIELD_END = {4: 4, 6: 6}  # bytes of IP header up to the end of its length field
 
 __all__ = ["decode_datagram", "decode_frame", "Malformed", "Packet"]
 
@@ -66,7 +66,9 @@ def decode_frame(buf, base: int, end: int, pkt: Packet, captured_len: int | None
     if pkt.link == "ethernet":
         l3 = ethernet.parse(buf, base, end, pkt)
         if l3 is None:
-            pkt.truncated = True  # cut inside the Ethernet header or its VLAN tags
+            # The copy ended inside the Ethernet header or its tags; a prefix buffer that ends
+            # there says nothing about the copy.
+            pkt.truncated = end == frame_end
             return pkt
     elif pkt.link in _ETHERTYPE_OF_LINK:
         l3, pkt.ethertype = base, _ETHERTYPE_OF_LINK[pkt.link]
@@ -82,7 +84,9 @@ def decode_frame(buf, base: int, end: int, pkt: Packet, captured_len: int | None
         pkt.truncated = ip_bytes < pkt.wire_len
         end = min(end, l3 + pkt.wire_len)  # Ethernet padding after the IP packet is not L4
     else:
-        pkt.truncated = pkt.ip_version is None or ip_bytes < _LENGTH_FIELD_END[pkt.ip_version]
+        # Cut before the length field (or, version unknown, before the first byte); a TSO
+        # frame or jumbogram with its length field received is not known to be cut.
+        pkt.truncated = ip_bytes < _LENGTH_FIELD_END.get(pkt.ip_version, 1)
     if l4_at is not None and pkt.ip_proto is not None:
         pkt.l4_offset = l4_at - base
         l4.parse(buf, l4_at, end, pkt.ip_proto, pkt)
