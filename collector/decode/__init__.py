@@ -25,3 +25,7 @@ __all__ = [
     "decode_datagram",
     "decode_frame",
 ]
+
+from collector.decode.batch import ENCAPS, REASONS, PacketBatch, decode_batch  # noqa: E402
+
+__all__ += ["ENCAPS", "REASONS", "PacketBatch", "decode_batch"]

@@ -70,8 +70,8 @@ def _walk_chain(buf, l3: int, end: int, next_header: int, at: int, pkt: Packet) 
         else:
             _upper(pkt, next_header, fragment_seen)
             pkt.ip_header_len = at - l3
-            if pkt.frag_offset:
-                return None  # a non-first fragment: the upper header is in fragment 0
+            if pkt.frag_offset or at > end:
+                return None  # a non-first fragment (its upper header is in fragment 0), or cut
             return at
         at += length
 

@@ -31,7 +31,8 @@ def parse(buf, off: int, end: int, pkt: Packet) -> int:
     if not flags & FLAG_I:
         raise Malformed(Reason.VXLAN_NO_VNI_FLAG, off, f"flags 0x{flags:02x} lack the I bit")
     pkt.vni = int.from_bytes(buf[off + 4 : off + 7], "big")
-    pkt.reserved_bits = (
+    # OR: behind a GWLB the GENEVE header's reserved bits were recorded first
+    pkt.reserved_bits = pkt.reserved_bits or (
         flags != FLAG_I or buf[off + 1] or buf[off + 2] or buf[off + 3] or buf[off + 7]
     ) != 0
     pkt.link = "ethernet"

@@ -1,0 +1,341 @@
+"""Columnar decoding of many datagrams at once: the receive path's decoder.
+
+The input is what a batched receive produces: a 2-D uint8 array with one datagram per row
+(a fixed-width receive slot, so a row may hold only the first bytes of a long datagram) and
+each datagram's real length. The output is one numpy column per field, None encoded as -1.
+
+AWS traffic is nearly all one shape: VXLAN `08 00 00 00 | VNI | 00`, an untagged Ethernet
+header, IPv4 without options or IPv6 without extension headers. For rows of that shape every
+field sits at a fixed offset, so a field of all rows is one strided column read, and the
+presence of each field is one comparison of the row's length with the field's end (so
+truncated copies stay on the fast path). Every other row (VLAN tags, IPv4 options, IPv6
+extension headers, GENEVE with unusual options, anything malformed) goes through
+`decode_datagram`, the reference decoder; the two agree field for field, which the tests
+check on generated and mutated input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from collector.decode.datagram import GENEVE_PORT, VXLAN_PORT, decode_datagram
+from collector.decode.errors import Malformed, Reason
+from collector.decode.packet import Packet
+
+ENCAPS = ("vxlan", "vxlan-gpe", "geneve", "geneve-vxlan")
+REASONS = (None,) + tuple(Reason)  # code 0: decoded; code k: REASONS[k]
+_REASON_CODE = {reason: code for code, reason in enumerate(REASONS) if reason is not None}
+_ENCAP_CODE = {name: code for code, name in enumerate(ENCAPS)}
+_PORT_PROTOCOLS = (6, 17, 33, 132, 136)
+_ICMP_PROTOCOLS = (1, 58)
+_IPV6_EXTENSIONS = (0, 43, 44, 51, 60, 135, 139, 140)
+_IPV4_MAPPED_PREFIX = np.array([0] * 10 + [0xFF, 0xFF], dtype=np.uint8)
+
+
+@dataclass
+class PacketBatch:
+    """Decoded columns of n datagrams. Integer fields use -1 for None.
+
+    `reason` is 0 for a decoded row and the index in `REASONS` of a malformed one (whose
+    other fields are -1/False). Addresses are 16 bytes, IPv4 as IPv4-mapped IPv6
+    (::ffff:a.b.c.d); `src_addr_ok` / `dst_addr_ok` say whether they were received.
+    """
+
+    reason: np.ndarray  # uint8
+    encap: np.ndarray  # int8 index in ENCAPS
+    vni: np.ndarray  # int32
+    reserved_bits: np.ndarray  # bool
+    geneve_vni: np.ndarray  # int32
+    captured_len: np.ndarray  # int32
+    ethertype: np.ndarray  # int32
+    vlan: np.ndarray  # int16: outermost VLAN id
+    inner_vlan: np.ndarray  # int16: second VLAN id
+    vlan_count: np.ndarray  # int8
+    l3_offset: np.ndarray  # int16
+    ip_version: np.ndarray  # int8
+    ip_header_len: np.ndarray  # int16
+    ip_tos: np.ndarray  # int16
+    ip_ttl: np.ndarray  # int16
+    ip_id: np.ndarray  # int64 (IPv6 fragment ids are 32 bits)
+    frag_offset: np.ndarray  # int32
+    more_fragments: np.ndarray  # int8
+    ip_proto: np.ndarray  # int16
+    src_addr: np.ndarray  # (n, 16) uint8
+    dst_addr: np.ndarray  # (n, 16) uint8
+    src_addr_ok: np.ndarray  # bool
+    dst_addr_ok: np.ndarray  # bool
+    wire_len: np.ndarray  # int32
+    l4_offset: np.ndarray  # int16
+    src_port: np.ndarray  # int32
+    dst_port: np.ndarray  # int32
+    tcp_flags: np.ndarray  # int16
+    icmp_type: np.ndarray  # int16
+    icmp_code: np.ndarray  # int16
+    truncated: np.ndarray  # bool
+
+    @classmethod
+    def empty(cls, n: int) -> PacketBatch:
+        columns = {}
+        for spec in fields(cls):
+            dtype = _DTYPES[spec.name]
+            if spec.name in ("src_addr", "dst_addr"):
+                columns[spec.name] = np.zeros((n, 16), dtype=np.uint8)
+            elif dtype == np.bool_ or spec.name in ("reason", "vlan_count"):
+                columns[spec.name] = np.zeros(n, dtype=dtype)
+            else:
+                columns[spec.name] = np.full(n, -1, dtype=dtype)
+        return cls(**columns)
+
+    def __len__(self) -> int:
+        return len(self.reason)
+
+    @property
+    def malformed(self) -> np.ndarray:
+        return self.reason != 0
+
+    def reason_counts(self) -> dict[str, int]:
+        """{reason label: rows} for the malformed rows, for metrics."""
+        codes, counts = np.unique(self.reason[self.reason != 0], return_counts=True)
+        return {REASONS[c].value: int(k) for c, k in zip(codes, counts)}
+
+    def packet(self, i: int) -> Packet | Malformed:
+        """Row i as the reference decoder's `Packet` (the fields the batch carries)."""
+        if self.reason[i]:
+            return Malformed(REASONS[self.reason[i]], -1, "decoded in a batch")
+        pkt = Packet(encap=ENCAPS[self.encap[i]], reserved_bits=bool(self.reserved_bits[i]),
+                     captured_len=int(self.captured_len[i]), truncated=bool(self.truncated[i]))
+        for name in _OPTIONAL_INTS:
+            value = int(getattr(self, name)[i])
+            setattr(pkt, name, None if value < 0 else value)
+        if self.more_fragments[i] >= 0:
+            pkt.more_fragments = bool(self.more_fragments[i])
+        pkt.vlans = tuple(int(v) for v in (self.vlan[i], self.inner_vlan[i])[: self.vlan_count[i]])
+        for name in ("src_addr", "dst_addr"):
+            if getattr(self, name + "_ok")[i]:
+                raw = bytes(getattr(self, name)[i])
+                setattr(pkt, name, raw[12:] if pkt.ip_version == 4 else raw)
+        return pkt
+
+
+_DTYPES = {
+    "reason": np.uint8, "encap": np.int8, "vni": np.int32, "reserved_bits": np.bool_,
+    "geneve_vni": np.int32, "captured_len": np.int32, "ethertype": np.int32, "vlan": np.int16,
+    "inner_vlan": np.int16, "vlan_count": np.int8, "l3_offset": np.int16,
+    "ip_version": np.int8, "ip_header_len": np.int16, "ip_tos": np.int16, "ip_ttl": np.int16,
+    "ip_id": np.int64, "frag_offset": np.int32, "more_fragments": np.int8,
+    "ip_proto": np.int16, "src_addr": np.uint8, "dst_addr": np.uint8, "src_addr_ok": np.bool_,
+    "dst_addr_ok": np.bool_, "wire_len": np.int32, "l4_offset": np.int16,
+    "src_port": np.int32, "dst_port": np.int32, "tcp_flags": np.int16, "icmp_type": np.int16,
+    "icmp_code": np.int16, "truncated": np.bool_,
+}
+_OPTIONAL_INTS = (
+    "vni", "geneve_vni", "ethertype", "l3_offset", "ip_version", "ip_header_len", "ip_tos",
+    "ip_ttl", "ip_id", "frag_offset", "ip_proto", "wire_len", "l4_offset", "src_port",
+    "dst_port", "tcp_flags", "icmp_type", "icmp_code",
+)
+
+
+def decode_batch(buf: np.ndarray, lengths, port: int = VXLAN_PORT) -> PacketBatch:
+    """Decode row i of `buf` (its first min(lengths[i], width) bytes) as a datagram of
+    lengths[i] bytes received on `port`."""
+    if buf.ndim != 2 or buf.dtype != np.uint8:
+        raise ValueError("buf must be a 2-D uint8 array, one datagram per row")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n, width = buf.shape
+    if len(lengths) != n:
+        raise ValueError(f"{len(lengths)} lengths for {n} rows")
+    out = PacketBatch.empty(n)
+    done = np.zeros(n, dtype=bool)
+    if port == VXLAN_PORT:
+        rows = np.flatnonzero(lengths >= 8)
+        done[rows[_fixed_layout(buf[rows], lengths[rows], 8, out, rows)]] = True
+    elif port == GENEVE_PORT:
+        for base, rows in _gwlb_groups(buf, lengths):
+            handled = _fixed_layout(buf[rows], lengths[rows], base, out, rows)
+            if handled.any():
+                hit = rows[handled]
+                out.encap[hit] = _ENCAP_CODE["geneve-vxlan"]
+                out.geneve_vni[hit] = _u24(buf[hit], 4)
+                out.reserved_bits[hit] |= ((buf[hit, 1] & 0x3F) | buf[hit, 7]) != 0
+                done[hit] = True
+    for i in np.flatnonzero(~done):
+        _decode_one(buf, lengths, port, int(i), width, out)
+    return out
+
+
+def _gwlb_groups(buf: np.ndarray, lengths: np.ndarray):
+    """Rows shaped GENEVE (IPv4 protocol) -> IPv4 without options -> UDP 4789 -> VXLAN, grouped
+    by where the mirrored frame starts, which depends on the GENEVE options length."""
+    if buf.shape[1] < 8:
+        return
+    opt_bytes = (buf[:, 0].astype(np.int64) & 0x3F) * 4
+    base = opt_bytes + 8 + 20 + 8 + 8  # GENEVE, options, IPv4, UDP, VXLAN
+    plausible = ((buf[:, 0] >> 6) == 0) & (buf[:, 2] == 0x08) & (buf[:, 3] == 0)
+    plausible &= (lengths >= base) & (base <= buf.shape[1])
+    for value in np.unique(base[plausible]):
+        rows = np.flatnonzero(plausible & (base == value))
+        ip = int(value) - 36
+        group = buf[rows]
+        ok = (group[:, ip] == 0x45) & (group[:, ip + 9] == 17)
+        ok &= ((group[:, ip + 6] & 0x1F) | group[:, ip + 7]) == 0  # not a later fragment
+        ok &= (group[:, ip + 22] == 0x12) & (group[:, ip + 23] == 0xB5)  # UDP dst 4789
+        ok &= _options_well_formed(group, ip)
+        if ok.any():
+            yield int(value), rows[ok]
+
+
+def _options_well_formed(group: np.ndarray, options_end: int) -> np.ndarray:
+    """Walk the option TLVs of every row at once: True where they end exactly at the end of
+    the options area (GWLB: three TLVs, so three steps)."""
+    at = np.full(len(group), 8, dtype=np.int64)
+    index = np.arange(len(group))
+    while True:
+        walking = at < options_end
+        if not walking.any():
+            return at == options_end
+        step = 4 + (group[index[walking], np.minimum(at[walking] + 3, options_end - 1)] & 0x1F) * 4
+        at[walking] += step
+
+
+def _decode_one(buf, lengths, port, i, width, out: PacketBatch) -> None:
+    length = int(lengths[i])
+    try:
+        pkt = decode_datagram(buf[i, : min(length, width)].tobytes(), port, length=length)
+    except Malformed as err:
+        out.reason[i] = _REASON_CODE[err.reason]
+        return
+    out.encap[i] = _ENCAP_CODE[pkt.encap]
+    out.reserved_bits[i] = pkt.reserved_bits
+    out.captured_len[i] = pkt.captured_len
+    out.truncated[i] = pkt.truncated
+    for name in _OPTIONAL_INTS:
+        value = getattr(pkt, name)
+        if value is not None:
+            getattr(out, name)[i] = value
+    if pkt.more_fragments is not None:
+        out.more_fragments[i] = pkt.more_fragments
+    out.vlan_count[i] = min(len(pkt.vlans), 2)
+    for column, vlan in zip((out.vlan, out.inner_vlan), pkt.vlans):
+        column[i] = vlan
+    for name in ("src_addr", "dst_addr"):
+        addr = getattr(pkt, name)
+        if addr is not None:
+            getattr(out, name)[i] = np.frombuffer(
+                addr if len(addr) == 16 else _IPV4_MAPPED_PREFIX.tobytes() + addr, np.uint8)
+            getattr(out, name + "_ok")[i] = True
+
+
+def _u16(b: np.ndarray, at: int) -> np.ndarray:
+    return (b[:, at].astype(np.int32) << 8) | b[:, at + 1]
+
+
+def _u24(b: np.ndarray, at: int) -> np.ndarray:
+    return (b[:, at].astype(np.int32) << 16) | (b[:, at + 1].astype(np.int32) << 8) | b[:, at + 2]
+
+
+def _fixed_layout(b: np.ndarray, lengths: np.ndarray, base: int, out: PacketBatch,
+                  rows: np.ndarray) -> np.ndarray:
+    """Decode the rows of `b` that have the common shape with the VXLAN header at base-8 and
+    the mirrored frame at `base`; return the mask of rows handled (the rest are left)."""
+    m, width = b.shape
+    l3 = base + 14
+    if m == 0 or width < l3 + 1:
+        return np.zeros(m, dtype=bool)
+    cap = lengths - base  # bytes of the mirrored frame in the copy
+    avail = np.minimum(lengths, width) - l3  # IP-layer bytes in the buffer
+    ip_cap = cap - 14  # IP-layer bytes in the copy
+    flags = b[:, base - 8]
+    ethertype = _u16(b, base + 12)
+    first = b[:, l3]
+    v4 = (ethertype == 0x0800) & (first == 0x45)
+    v6 = (ethertype == 0x86DD) & ((first >> 4) == 6)
+    ok = ((flags & 0x08) != 0) & (avail >= 1) & (v4 | v6)
+
+    def col(at: int) -> np.ndarray:  # a byte column, zeros where the buffer is narrower
+        return b[:, at] if at < width else np.zeros(m, dtype=np.uint8)
+
+    def col16(at: int) -> np.ndarray:
+        return (col(at).astype(np.int32) << 8) | col(at + 1)
+
+    # IPv4 total length smaller than the header is malformed: leave it to the reference.
+    total = col16(l3 + 2)
+    ok &= ~(v4 & (avail >= 4) & (total > 0) & (total < 20))
+    next_header = col(l3 + 6)
+    ok &= ~(v6 & (avail >= 7) & np.isin(next_header, _IPV6_EXTENSIONS))
+    frag_field = col16(l3 + 6)
+    frag_offset = np.where(v4, (frag_field & 0x1FFF) * 8, 0)
+    proto = np.where(v4, col(l3 + 9), next_header).astype(np.int16)
+    proto_ok = np.where(v4, avail >= 10, avail >= 7)
+    hdr = np.where(v4, 20, 40)
+    wire = np.where(v4, total, col16(l3 + 4) + 40)
+    wire_ok = np.where(v4, (avail >= 4) & (total > 0), (avail >= 6) & (col16(l3 + 4) > 0))
+    # L4: only inside the IP packet (Ethernet padding is not L4) and not in later fragments
+    l4_avail = np.where(wire_ok, np.minimum(avail, wire), avail) - hdr
+    has_l4 = proto_ok & (frag_offset == 0) & (l4_avail >= 0)
+    ports = has_l4 & np.isin(proto, _PORT_PROTOCOLS)
+    tcp = has_l4 & (proto == 6)
+    doff_ok = tcp & (l4_avail >= 13)
+    doff = np.where(v4, col(l3 + 32), col(l3 + 52)) >> 4
+    ok &= ~(doff_ok & (doff < 5))
+    udp_len = np.where(v4, col16(l3 + 24), col16(l3 + 44))
+    ok &= ~(has_l4 & (proto == 17) & (l4_avail >= 6) & (udp_len > 0) & (udp_len < 8))
+    if not ok.any():
+        return ok
+
+    r = rows[ok]
+    sel = lambda a: a[ok]  # noqa: E731 - local shorthand
+    v4s, avs = sel(v4), sel(avail)
+    out.encap[r] = _ENCAP_CODE["vxlan"]
+    out.vni[r] = _u24(b[ok], base - 4)
+    out.reserved_bits[r] = ((sel(flags) != 0x08) | (b[ok, base - 7] != 0) | (b[ok, base - 6] != 0)
+                            | (b[ok, base - 5] != 0) | (b[ok, base - 1] != 0))
+    out.captured_len[r] = sel(cap)
+    out.ethertype[r] = sel(ethertype)
+    out.l3_offset[r] = 14
+    out.ip_version[r] = np.where(v4s, 4, 6)
+    _put(out.ip_tos, r, np.where(v4s, col(l3 + 1)[ok], ((sel(first) & 0x0F) << 4) | (col(l3 + 1)[ok] >> 4)), avs >= 2)
+    _put(out.wire_len, r, sel(wire), sel(wire_ok))
+    _put(out.ip_ttl, r, np.where(v4s, col(l3 + 8)[ok], col(l3 + 7)[ok]), np.where(v4s, avs >= 9, avs >= 8))
+    _put(out.ip_id, r, col16(l3 + 4)[ok], v4s & (avs >= 6))
+    _put(out.frag_offset, r, sel(frag_offset), np.where(v4s, avs >= 8, avs >= 7))
+    _put(out.more_fragments, r, (sel(frag_field) & 0x2000) != 0, v4s & (avs >= 8))
+    _put(out.more_fragments, r, 0, ~v4s & (avs >= 7))
+    _put(out.ip_proto, r, sel(proto), sel(proto_ok))
+    out.ip_header_len[r] = np.where(v4s, 20, np.where(avs >= 7, 40, -1))
+    src_ok = np.where(v4s, avs >= 16, avs >= 24)
+    dst_ok = np.where(v4s, avs >= 20, avs >= 40)
+    _addresses(b[ok], l3, v4s, src_ok, dst_ok, out, r, width)
+    # truncated: fewer IP bytes in the copy than on the wire; when the length is unknown,
+    # only a copy cut before the length field is known to be cut
+    ipc, wok = sel(ip_cap), sel(wire_ok)
+    out.truncated[r] = np.where(wok, ipc < sel(wire), ipc < np.where(v4s, 4, 6))
+    hl4, l4a = sel(has_l4), sel(l4_avail)
+    _put(out.l4_offset, r, np.where(v4s, 34, 54), hl4)
+    l4 = lambda k: np.where(v4s, col(l3 + 20 + k)[ok], col(l3 + 40 + k)[ok]).astype(np.int32)  # noqa: E731
+    pts = sel(ports)
+    _put(out.src_port, r, (l4(0) << 8) | l4(1), pts & (l4a >= 2))
+    _put(out.dst_port, r, (l4(2) << 8) | l4(3), pts & (l4a >= 4))
+    _put(out.tcp_flags, r, ((l4(12) & 1) << 8) | l4(13), sel(tcp) & (l4a >= 14))
+    icmp = hl4 & np.isin(sel(proto), _ICMP_PROTOCOLS)
+    _put(out.icmp_type, r, l4(0), icmp & (l4a >= 1))
+    _put(out.icmp_code, r, l4(1), icmp & (l4a >= 2))
+    return ok
+
+
+def _put(column: np.ndarray, rows: np.ndarray, values, present: np.ndarray) -> None:
+    values = np.broadcast_to(values, rows.shape)
+    column[rows[present]] = values[present]
+
+
+def _addresses(b, l3, v4, src_ok, dst_ok, out, rows, width) -> None:
+    span = min(width, l3 + 40) - l3
+    ip = np.zeros((len(b), 40), dtype=np.uint8)
+    ip[:, :span] = b[:, l3 : l3 + span]
+    src = np.where(v4[:, None], np.concatenate([np.tile(_IPV4_MAPPED_PREFIX, (len(b), 1)), ip[:, 12:16]], 1), ip[:, 8:24])
+    dst = np.where(v4[:, None], np.concatenate([np.tile(_IPV4_MAPPED_PREFIX, (len(b), 1)), ip[:, 16:20]], 1), ip[:, 24:40])
+    out.src_addr[rows[src_ok]] = src[src_ok]
+    out.dst_addr[rows[dst_ok]] = dst[dst_ok]
+    out.src_addr_ok[rows] = src_ok
+    out.dst_addr_ok[rows] = dst_ok
