@@ -149,8 +149,12 @@ def decode_batch(buf: np.ndarray, lengths, port: int = VXLAN_PORT) -> PacketBatc
     out = PacketBatch.empty(n)
     done = np.zeros(n, dtype=bool)
     if port == VXLAN_PORT:
-        rows = np.flatnonzero(lengths >= 8)
-        done[rows[_fixed_layout(buf[rows], lengths[rows], 8, out, rows)]] = True
+        rows = lengths >= 8
+        if rows.all():
+            done = _fixed_layout(buf, lengths, 8, out, slice(None))  # no copy
+        else:
+            rows = np.flatnonzero(rows)
+            done[rows[_fixed_layout(buf[rows], lengths[rows], 8, out, rows)]] = True
     elif port == GENEVE_PORT:
         for base, rows in _gwlb_groups(buf, lengths):
             handled = _fixed_layout(buf[rows], lengths[rows], base, out, rows)
@@ -235,107 +239,127 @@ def _u24(b: np.ndarray, at: int) -> np.ndarray:
     return (b[:, at].astype(np.int32) << 16) | (b[:, at + 1].astype(np.int32) << 8) | b[:, at + 2]
 
 
+def _one_of(values: np.ndarray, choices) -> np.ndarray:
+    hit = values == choices[0]
+    for choice in choices[1:]:
+        hit |= values == choice
+    return hit
+
+
 def _fixed_layout(b: np.ndarray, lengths: np.ndarray, base: int, out: PacketBatch,
-                  rows: np.ndarray) -> np.ndarray:
-    """Decode the rows of `b` that have the common shape with the VXLAN header at base-8 and
-    the mirrored frame at `base`; return the mask of rows handled (the rest are left)."""
+                  rows) -> np.ndarray:
+    """Decode the rows of `b` that have the common shape, with the VXLAN header at base-8 and
+    the mirrored frame at `base`; `rows` (a slice or an index array) says where they go in
+    `out`. Returns the mask of rows handled; the others are left to the reference decoder,
+    and their columns here are left at None."""
     m, width = b.shape
     l3 = base + 14
     if m == 0 or width < l3 + 1:
         return np.zeros(m, dtype=bool)
-    cap = lengths - base  # bytes of the mirrored frame in the copy
-    avail = np.minimum(lengths, width) - l3  # IP-layer bytes in the buffer
+    cap = (lengths - base).astype(np.int32)  # bytes of the mirrored frame in the copy
+    avail = np.minimum(lengths, width).astype(np.int32) - l3  # IP-layer bytes in the buffer
     ip_cap = cap - 14  # IP-layer bytes in the copy
-    flags = b[:, base - 8]
-    ethertype = _u16(b, base + 12)
-    first = b[:, l3]
-    v4 = (ethertype == 0x0800) & (first == 0x45)
-    v6 = (ethertype == 0x86DD) & ((first >> 4) == 6)
-    ok = ((flags & 0x08) != 0) & (avail >= 1) & (v4 | v6)
 
-    def col(at: int) -> np.ndarray:  # a byte column, zeros where the buffer is narrower
+    def col(at: int) -> np.ndarray:  # one byte of every row; zeros past the buffer's width
         return b[:, at] if at < width else np.zeros(m, dtype=np.uint8)
 
     def col16(at: int) -> np.ndarray:
         return (col(at).astype(np.int32) << 8) | col(at + 1)
 
-    # IPv4 total length smaller than the header is malformed: leave it to the reference.
+    flags = b[:, base - 8]
+    first = b[:, l3]
+    ethertype = _u16(b, base + 12)
+    v4 = (ethertype == 0x0800) & (first == 0x45)
+    v6 = (ethertype == 0x86DD) & ((first >> 4) == 6)
+    ok = ((flags & 0x08) != 0) & (avail >= 1) & (v4 | v6)
+    # IPv4: the common shape has no options; every layout offset below depends on it.
+    off = lambda v4_at, v6_at: np.where(v4, col(l3 + v4_at), col(l3 + v6_at))  # noqa: E731
     total = col16(l3 + 2)
-    ok &= ~(v4 & (avail >= 4) & (total > 0) & (total < 20))
+    payload_len = col16(l3 + 4)
     next_header = col(l3 + 6)
-    ok &= ~(v6 & (avail >= 7) & np.isin(next_header, _IPV6_EXTENSIONS))
+    ok &= ~(v4 & (avail >= 4) & (total > 0) & (total < 20))  # malformed: the reference says so
+    ok &= ~(v6 & (avail >= 7) & _one_of(next_header, _IPV6_EXTENSIONS))  # chain: reference
     frag_field = col16(l3 + 6)
     frag_offset = np.where(v4, (frag_field & 0x1FFF) * 8, 0)
     proto = np.where(v4, col(l3 + 9), next_header).astype(np.int16)
-    proto_ok = np.where(v4, avail >= 10, avail >= 7)
-    hdr = np.where(v4, 20, 40)
-    wire = np.where(v4, total, col16(l3 + 4) + 40)
-    wire_ok = np.where(v4, (avail >= 4) & (total > 0), (avail >= 6) & (col16(l3 + 4) > 0))
-    # L4: only inside the IP packet (Ethernet padding is not L4) and not in later fragments
-    l4_avail = np.where(wire_ok, np.minimum(avail, wire), avail) - hdr
+    proto_ok = avail >= np.where(v4, 10, 7)
+    header_len = np.where(v4, 20, 40)
+    wire = np.where(v4, total, payload_len + 40)
+    wire_ok = np.where(v4, (avail >= 4) & (total > 0), (avail >= 6) & (payload_len > 0))
+    # L4 lies inside the IP packet (Ethernet padding is not L4), never in a later fragment.
+    l4_avail = np.where(wire_ok, np.minimum(avail, wire), avail) - header_len
     has_l4 = proto_ok & (frag_offset == 0) & (l4_avail >= 0)
-    ports = has_l4 & np.isin(proto, _PORT_PROTOCOLS)
+    l4 = lambda k: np.where(v4, col(l3 + 20 + k), col(l3 + 40 + k)).astype(np.int32)  # noqa: E731
     tcp = has_l4 & (proto == 6)
-    doff_ok = tcp & (l4_avail >= 13)
-    doff = np.where(v4, col(l3 + 32), col(l3 + 52)) >> 4
-    ok &= ~(doff_ok & (doff < 5))
-    udp_len = np.where(v4, col16(l3 + 24), col16(l3 + 44))
-    ok &= ~(has_l4 & (proto == 17) & (l4_avail >= 6) & (udp_len > 0) & (udp_len < 8))
+    udp = has_l4 & (proto == 17)
+    ok &= ~(tcp & (l4_avail >= 13) & ((l4(12) >> 4) < 5))  # TCP data offset < 5
+    udp_len = (l4(4) << 8) | l4(5)
+    ok &= ~(udp & (l4_avail >= 6) & (udp_len > 0) & (udp_len < 8))
     if not ok.any():
         return ok
+    v4, v6 = v4 & ok, v6 & ok
 
-    r = rows[ok]
-    sel = lambda a: a[ok]  # noqa: E731 - local shorthand
-    v4s, avs = sel(v4), sel(avail)
-    out.encap[r] = _ENCAP_CODE["vxlan"]
-    out.vni[r] = _u24(b[ok], base - 4)
-    out.reserved_bits[r] = ((sel(flags) != 0x08) | (b[ok, base - 7] != 0) | (b[ok, base - 6] != 0)
-                            | (b[ok, base - 5] != 0) | (b[ok, base - 1] != 0))
-    out.captured_len[r] = sel(cap)
-    out.ethertype[r] = sel(ethertype)
-    out.l3_offset[r] = 14
-    out.ip_version[r] = np.where(v4s, 4, 6)
-    _put(out.ip_tos, r, np.where(v4s, col(l3 + 1)[ok], ((sel(first) & 0x0F) << 4) | (col(l3 + 1)[ok] >> 4)), avs >= 2)
-    _put(out.wire_len, r, sel(wire), sel(wire_ok))
-    _put(out.ip_ttl, r, np.where(v4s, col(l3 + 8)[ok], col(l3 + 7)[ok]), np.where(v4s, avs >= 9, avs >= 8))
-    _put(out.ip_id, r, col16(l3 + 4)[ok], v4s & (avs >= 6))
-    _put(out.frag_offset, r, sel(frag_offset), np.where(v4s, avs >= 8, avs >= 7))
-    _put(out.more_fragments, r, (sel(frag_field) & 0x2000) != 0, v4s & (avs >= 8))
-    _put(out.more_fragments, r, 0, ~v4s & (avs >= 7))
-    _put(out.ip_proto, r, sel(proto), sel(proto_ok))
-    out.ip_header_len[r] = np.where(v4s, 20, np.where(avs >= 7, 40, -1))
-    src_ok = np.where(v4s, avs >= 16, avs >= 24)
-    dst_ok = np.where(v4s, avs >= 20, avs >= 40)
-    _addresses(b[ok], l3, v4s, src_ok, dst_ok, out, r, width)
+    _put(out.encap, rows, _ENCAP_CODE["vxlan"], ok)
+    _put(out.vni, rows, _u24(b, base - 4), ok)
+    reserved = (flags != 0x08) | (b[:, base - 7] != 0) | (b[:, base - 6] != 0)
+    reserved |= (b[:, base - 5] != 0) | (b[:, base - 1] != 0)
+    out.reserved_bits[rows] = reserved & ok
+    _put(out.captured_len, rows, cap, ok)
+    _put(out.ethertype, rows, ethertype, ok)
+    _put(out.l3_offset, rows, 14, ok)
+    _put(out.ip_version, rows, np.where(v4, 4, 6), ok)
+    v6_class = ((first & 0x0F) << 4) | (col(l3 + 1) >> 4)
+    _put(out.ip_tos, rows, np.where(v4, col(l3 + 1), v6_class), ok & (avail >= 2))
+    _put(out.wire_len, rows, wire, ok & wire_ok)
+    _put(out.ip_ttl, rows, off(8, 7), ok & (avail >= np.where(v4, 9, 8)))
+    _put(out.ip_id, rows, payload_len, v4 & (avail >= 6))  # IPv4 bytes 4-5: identification
+    _put(out.frag_offset, rows, frag_offset, ok & (avail >= np.where(v4, 8, 7)))
+    more = np.where(v4, (frag_field & 0x2000) != 0, 0)
+    _put(out.more_fragments, rows, more, ok & (avail >= np.where(v4, 8, 7)))
+    _put(out.ip_proto, rows, proto, ok & proto_ok)
+    _put(out.ip_header_len, rows, header_len, v4 | (v6 & (avail >= 7)))
+    _addresses(b, l3, v4, v6, avail, out, rows, width)
     # truncated: fewer IP bytes in the copy than on the wire; when the length is unknown,
     # only a copy cut before the length field is known to be cut
-    ipc, wok = sel(ip_cap), sel(wire_ok)
-    out.truncated[r] = np.where(wok, ipc < sel(wire), ipc < np.where(v4s, 4, 6))
-    hl4, l4a = sel(has_l4), sel(l4_avail)
-    _put(out.l4_offset, r, np.where(v4s, 34, 54), hl4)
-    l4 = lambda k: np.where(v4s, col(l3 + 20 + k)[ok], col(l3 + 40 + k)[ok]).astype(np.int32)  # noqa: E731
-    pts = sel(ports)
-    _put(out.src_port, r, (l4(0) << 8) | l4(1), pts & (l4a >= 2))
-    _put(out.dst_port, r, (l4(2) << 8) | l4(3), pts & (l4a >= 4))
-    _put(out.tcp_flags, r, ((l4(12) & 1) << 8) | l4(13), sel(tcp) & (l4a >= 14))
-    icmp = hl4 & np.isin(sel(proto), _ICMP_PROTOCOLS)
-    _put(out.icmp_type, r, l4(0), icmp & (l4a >= 1))
-    _put(out.icmp_code, r, l4(1), icmp & (l4a >= 2))
+    truncated = np.where(wire_ok, ip_cap < wire, ip_cap < np.where(v4, 4, 6))
+    out.truncated[rows] = truncated & ok
+    has_l4 &= ok
+    _put(out.l4_offset, rows, np.where(v4, 34, 54), has_l4)
+    ports = has_l4 & _one_of(proto, _PORT_PROTOCOLS)
+    _put(out.src_port, rows, (l4(0) << 8) | l4(1), ports & (l4_avail >= 2))
+    _put(out.dst_port, rows, (l4(2) << 8) | l4(3), ports & (l4_avail >= 4))
+    _put(out.tcp_flags, rows, ((l4(12) & 1) << 8) | l4(13), tcp & ok & (l4_avail >= 14))
+    icmp = has_l4 & _one_of(proto, _ICMP_PROTOCOLS)
+    _put(out.icmp_type, rows, l4(0), icmp & (l4_avail >= 1))
+    _put(out.icmp_code, rows, l4(1), icmp & (l4_avail >= 2))
     return ok
 
 
-def _put(column: np.ndarray, rows: np.ndarray, values, present: np.ndarray) -> None:
-    values = np.broadcast_to(values, rows.shape)
-    column[rows[present]] = values[present]
+def _put(column: np.ndarray, rows, values, present: np.ndarray) -> None:
+    # Cast first: -1 must be the column's None, not a uint8 wrapped to 255.
+    values = np.asarray(values).astype(column.dtype, copy=False)
+    column[rows] = np.where(present, values, column.dtype.type(-1))
 
 
-def _addresses(b, l3, v4, src_ok, dst_ok, out, rows, width) -> None:
-    span = min(width, l3 + 40) - l3
-    ip = np.zeros((len(b), 40), dtype=np.uint8)
-    ip[:, :span] = b[:, l3 : l3 + span]
-    src = np.where(v4[:, None], np.concatenate([np.tile(_IPV4_MAPPED_PREFIX, (len(b), 1)), ip[:, 12:16]], 1), ip[:, 8:24])
-    dst = np.where(v4[:, None], np.concatenate([np.tile(_IPV4_MAPPED_PREFIX, (len(b), 1)), ip[:, 16:20]], 1), ip[:, 24:40])
-    out.src_addr[rows[src_ok]] = src[src_ok]
-    out.dst_addr[rows[dst_ok]] = dst[dst_ok]
+def _addresses(b, l3, v4, v6, avail, out: PacketBatch, rows, width) -> None:
+    """16-byte addresses, IPv4 as ::ffff:a.b.c.d, copied column by column from the rows."""
+    m = len(b)
+    src = np.zeros((m, 16), dtype=np.uint8)
+    dst = np.zeros((m, 16), dtype=np.uint8)
+    src[:, 10:12] = dst[:, 10:12] = 0xFF
+    span = max(0, min(width - l3, 40))
+    ip = b[:, l3 : l3 + span]
+    if span >= 16:
+        src[:, 12:16] = ip[:, 12:16]
+    if span >= 20:
+        dst[:, 12:16] = ip[:, 16:20]
+    if span >= 24:
+        src[v6] = ip[v6, 8:24]
+    if span >= 40:
+        dst[v6] = ip[v6, 24:40]
+    src_ok = (v4 & (avail >= 16)) | (v6 & (avail >= 24))
+    dst_ok = (v4 & (avail >= 20)) | (v6 & (avail >= 40))
+    out.src_addr[rows] = np.where(src_ok[:, None], src, 0)
+    out.dst_addr[rows] = np.where(dst_ok[:, None], dst, 0)
     out.src_addr_ok[rows] = src_ok
     out.dst_addr_ok[rows] = dst_ok
