@@ -31,7 +31,9 @@ _ENCAP_CODE = {name: code for code, name in enumerate(ENCAPS)}
 _PORT_PROTOCOLS = (6, 17, 33, 132, 136)
 _ICMP_PROTOCOLS = (1, 58)
 _IPV6_EXTENSIONS = (0, 43, 44, 51, 60, 135, 139, 140)
-_IPV4_MAPPED_PREFIX = np.array([0] * 10 + [0xFF, 0xFF], dtype=np.uint8)
+_IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+_DEEPEST_FIELD = 54  # IPv6 + TCP flags: the last header byte the fast path reads, past l3
+_IPV4_MAPPED_LO = np.uint64(0xFFFF << 32)  # low half of ::ffff:0.0.0.0
 
 
 @dataclass
@@ -40,7 +42,9 @@ class PacketBatch:
 
     `reason` is 0 for a decoded row and the index in `REASONS` of a malformed one (whose
     other fields are -1/False). Addresses are 16 bytes, IPv4 as IPv4-mapped IPv6
-    (::ffff:a.b.c.d); `src_addr_ok` / `dst_addr_ok` say whether they were received.
+    (::ffff:a.b.c.d), held as two big-endian uint64 halves (`src_hi`, `src_lo`) so that
+    flow keys sort and hash as plain integers; `src_ok` / `dst_ok` say whether they were
+    received.
     """
 
     reason: np.ndarray  # uint8
@@ -62,10 +66,12 @@ class PacketBatch:
     frag_offset: np.ndarray  # int32
     more_fragments: np.ndarray  # int8
     ip_proto: np.ndarray  # int16
-    src_addr: np.ndarray  # (n, 16) uint8
-    dst_addr: np.ndarray  # (n, 16) uint8
-    src_addr_ok: np.ndarray  # bool
-    dst_addr_ok: np.ndarray  # bool
+    src_hi: np.ndarray  # uint64: address bytes 0-7
+    src_lo: np.ndarray  # uint64: address bytes 8-15
+    dst_hi: np.ndarray
+    dst_lo: np.ndarray
+    src_ok: np.ndarray  # bool
+    dst_ok: np.ndarray  # bool
     wire_len: np.ndarray  # int32
     l4_offset: np.ndarray  # int16
     src_port: np.ndarray  # int32
@@ -80,9 +86,7 @@ class PacketBatch:
         columns = {}
         for spec in fields(cls):
             dtype = _DTYPES[spec.name]
-            if spec.name in ("src_addr", "dst_addr"):
-                columns[spec.name] = np.zeros((n, 16), dtype=np.uint8)
-            elif dtype == np.bool_ or spec.name in ("reason", "vlan_count"):
+            if dtype in (np.bool_, np.uint64) or spec.name in ("reason", "vlan_count"):
                 columns[spec.name] = np.zeros(n, dtype=dtype)
             else:
                 columns[spec.name] = np.full(n, -1, dtype=dtype)
@@ -112,10 +116,11 @@ class PacketBatch:
         if self.more_fragments[i] >= 0:
             pkt.more_fragments = bool(self.more_fragments[i])
         pkt.vlans = tuple(int(v) for v in (self.vlan[i], self.inner_vlan[i])[: self.vlan_count[i]])
-        for name in ("src_addr", "dst_addr"):
-            if getattr(self, name + "_ok")[i]:
-                raw = bytes(getattr(self, name)[i])
-                setattr(pkt, name, raw[12:] if pkt.ip_version == 4 else raw)
+        for side in ("src", "dst"):
+            if getattr(self, side + "_ok")[i]:
+                raw = int(getattr(self, side + "_hi")[i]).to_bytes(8, "big")
+                raw += int(getattr(self, side + "_lo")[i]).to_bytes(8, "big")
+                setattr(pkt, side + "_addr", raw[12:] if pkt.ip_version == 4 else raw)
         return pkt
 
 
@@ -125,8 +130,8 @@ _DTYPES = {
     "inner_vlan": np.int16, "vlan_count": np.int8, "l3_offset": np.int16,
     "ip_version": np.int8, "ip_header_len": np.int16, "ip_tos": np.int16, "ip_ttl": np.int16,
     "ip_id": np.int64, "frag_offset": np.int32, "more_fragments": np.int8,
-    "ip_proto": np.int16, "src_addr": np.uint8, "dst_addr": np.uint8, "src_addr_ok": np.bool_,
-    "dst_addr_ok": np.bool_, "wire_len": np.int32, "l4_offset": np.int16,
+    "ip_proto": np.int16, "src_hi": np.uint64, "src_lo": np.uint64, "dst_hi": np.uint64,
+    "dst_lo": np.uint64, "src_ok": np.bool_, "dst_ok": np.bool_, "wire_len": np.int32, "l4_offset": np.int16,
     "src_port": np.int32, "dst_port": np.int32, "tcp_flags": np.int16, "icmp_type": np.int16,
     "icmp_code": np.int16, "truncated": np.bool_,
 }
@@ -223,12 +228,14 @@ def _decode_one(buf, lengths, port, i, width, out: PacketBatch) -> None:
     out.vlan_count[i] = min(len(pkt.vlans), 2)
     for column, vlan in zip((out.vlan, out.inner_vlan), pkt.vlans):
         column[i] = vlan
-    for name in ("src_addr", "dst_addr"):
-        addr = getattr(pkt, name)
+    for side in ("src", "dst"):
+        addr = getattr(pkt, side + "_addr")
         if addr is not None:
-            getattr(out, name)[i] = np.frombuffer(
-                addr if len(addr) == 16 else _IPV4_MAPPED_PREFIX.tobytes() + addr, np.uint8)
-            getattr(out, name + "_ok")[i] = True
+            if len(addr) == 4:
+                addr = _IPV4_MAPPED_PREFIX + addr
+            getattr(out, side + "_hi")[i] = int.from_bytes(addr[:8], "big")
+            getattr(out, side + "_lo")[i] = int.from_bytes(addr[8:], "big")
+            getattr(out, side + "_ok")[i] = True
 
 
 def _u16(b: np.ndarray, at: int) -> np.ndarray:
@@ -260,15 +267,20 @@ def _fixed_layout(b: np.ndarray, lengths: np.ndarray, base: int, out: PacketBatc
     avail = np.minimum(lengths, width).astype(np.int32) - l3  # IP-layer bytes in the buffer
     ip_cap = cap - 14  # IP-layer bytes in the copy
 
+    # One pass turns the header bytes of all rows into contiguous per-offset columns: every
+    # field read below is then a contiguous view instead of a strided walk over the slots.
+    columns = np.ascontiguousarray(b[:, : min(width, l3 + _DEEPEST_FIELD)].T)
+    absent = np.zeros(m, dtype=np.uint8)
+
     def col(at: int) -> np.ndarray:  # one byte of every row; zeros past the buffer's width
-        return b[:, at] if at < width else np.zeros(m, dtype=np.uint8)
+        return columns[at] if at < len(columns) else absent
 
     def col16(at: int) -> np.ndarray:
         return (col(at).astype(np.int32) << 8) | col(at + 1)
 
-    flags = b[:, base - 8]
-    first = b[:, l3]
-    ethertype = _u16(b, base + 12)
+    flags = col(base - 8)
+    first = col(l3)
+    ethertype = col16(base + 12)
     v4 = (ethertype == 0x0800) & (first == 0x45)
     v6 = (ethertype == 0x86DD) & ((first >> 4) == 6)
     ok = ((flags & 0x08) != 0) & (avail >= 1) & (v4 | v6)
@@ -300,9 +312,9 @@ def _fixed_layout(b: np.ndarray, lengths: np.ndarray, base: int, out: PacketBatc
     v4, v6 = v4 & ok, v6 & ok
 
     _put(out.encap, rows, _ENCAP_CODE["vxlan"], ok)
-    _put(out.vni, rows, _u24(b, base - 4), ok)
-    reserved = (flags != 0x08) | (b[:, base - 7] != 0) | (b[:, base - 6] != 0)
-    reserved |= (b[:, base - 5] != 0) | (b[:, base - 1] != 0)
+    _put(out.vni, rows, (col16(base - 4) << 8) | col(base - 2), ok)
+    reserved = (flags != 0x08) | (col(base - 7) != 0) | (col(base - 6) != 0)
+    reserved |= (col(base - 5) != 0) | (col(base - 1) != 0)
     out.reserved_bits[rows] = reserved & ok
     _put(out.captured_len, rows, cap, ok)
     _put(out.ethertype, rows, ethertype, ok)
@@ -342,24 +354,23 @@ def _put(column: np.ndarray, rows, values, present: np.ndarray) -> None:
 
 
 def _addresses(b, l3, v4, v6, avail, out: PacketBatch, rows, width) -> None:
-    """16-byte addresses, IPv4 as ::ffff:a.b.c.d, copied column by column from the rows."""
+    """Addresses as uint64 halves, IPv4 as ::ffff:a.b.c.d; the bytes of each row are read
+    as big-endian integers in one strided copy per half."""
     m = len(b)
-    src = np.zeros((m, 16), dtype=np.uint8)
-    dst = np.zeros((m, 16), dtype=np.uint8)
-    src[:, 10:12] = dst[:, 10:12] = 0xFF
-    span = max(0, min(width - l3, 40))
-    ip = b[:, l3 : l3 + span]
-    if span >= 16:
-        src[:, 12:16] = ip[:, 12:16]
-    if span >= 20:
-        dst[:, 12:16] = ip[:, 16:20]
-    if span >= 24:
-        src[v6] = ip[v6, 8:24]
-    if span >= 40:
-        dst[v6] = ip[v6, 24:40]
+
+    def be(at: int, size: int) -> np.ndarray:  # bytes [at, at+size) of every row, as integers
+        if at + size > width:
+            return np.zeros(m, dtype=np.uint64)
+        chunk = np.ascontiguousarray(b[:, at : at + size]).view(">u8" if size == 8 else ">u4")
+        return chunk.ravel().astype(np.uint64)
+
     src_ok = (v4 & (avail >= 16)) | (v6 & (avail >= 24))
     dst_ok = (v4 & (avail >= 20)) | (v6 & (avail >= 40))
-    out.src_addr[rows] = np.where(src_ok[:, None], src, 0)
-    out.dst_addr[rows] = np.where(dst_ok[:, None], dst, 0)
-    out.src_addr_ok[rows] = src_ok
-    out.dst_addr_ok[rows] = dst_ok
+    zero = np.uint64(0)
+    for side, ok, v4_at, v6_at in (("src", src_ok, 12, 8), ("dst", dst_ok, 16, 24)):
+        hi = np.where(v6 & ok, be(l3 + v6_at, 8), zero)
+        lo = np.where(v6 & ok, be(l3 + v6_at + 8, 8), zero)
+        lo = np.where(v4 & ok, be(l3 + v4_at, 4) | _IPV4_MAPPED_LO, lo)
+        getattr(out, side + "_hi")[rows] = hi
+        getattr(out, side + "_lo")[rows] = lo
+        getattr(out, side + "_ok")[rows] = ok
