@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test install bench clean
+.PHONY: run test install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The embedded default: the AWS seed session (VNI 7159709, PacketLength 25) as an appliance
+# captured it, decoded with its session map. `collector serve` takes this place when it lands.
+run: $(STAMP)
+	$(BIN)/collector decode fixtures/seed-session.pcap --sessions fixtures/sessions/seed.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -32,7 +32,9 @@ _PORT_PROTOCOLS = (6, 17, 33, 132, 136)
 _ICMP_PROTOCOLS = (1, 58)
 _IPV6_EXTENSIONS = (0, 43, 44, 51, 60, 135, 139, 140)
 _IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
-_DEEPEST_FIELD = 54  # IPv6 + TCP flags: the last header byte the fast path reads, past l3
+# bytes of each row the fast path reads, from the VXLAN header to the IPv6 TCP flags (8 + 14 +
+# 40 + 14 = 76), rounded up to whole words
+_REGION = 80
 _IPV4_MAPPED_LO = np.uint64(0xFFFF << 32)  # low half of ::ffff:0.0.0.0
 
 
@@ -267,13 +269,19 @@ def _fixed_layout(b: np.ndarray, lengths: np.ndarray, base: int, out: PacketBatc
     avail = np.minimum(lengths, width).astype(np.int32) - l3  # IP-layer bytes in the buffer
     ip_cap = cap - 14  # IP-layer bytes in the copy
 
-    # One pass turns the header bytes of all rows into contiguous per-offset columns: every
-    # field read below is then a contiguous view instead of a strided walk over the slots.
-    columns = np.ascontiguousarray(b[:, : min(width, l3 + _DEEPEST_FIELD)].T)
-    absent = np.zeros(m, dtype=np.uint8)
+    # Reading one byte of every slot walks memory with the slot's stride, a cache line per
+    # row per field. Instead: copy the header bytes once, transpose them as 8-byte words
+    # (a byte-wise transpose is 5x slower), and read a byte column as every 8th byte of one
+    # contiguous word row.
+    start = base - 8
+    region = np.zeros((m, _REGION), dtype=np.uint8)
+    copied = min(width, start + _REGION) - start
+    region[:, :copied] = b[:, start : start + copied]
+    words = region.view(np.uint64).T.copy().view(np.uint8)  # (_REGION / 8, m * 8)
 
-    def col(at: int) -> np.ndarray:  # one byte of every row; zeros past the buffer's width
-        return columns[at] if at < len(columns) else absent
+    def col(at: int) -> np.ndarray:  # byte `at` of every row; zeros past the buffer's width
+        rel = at - start
+        return words[rel >> 3, rel & 7 :: 8]
 
     def col16(at: int) -> np.ndarray:
         return (col(at).astype(np.int32) << 8) | col(at + 1)
