@@ -34,16 +34,13 @@ import numpy as np
 
 from collector.decode.batch import PacketBatch
 from collector.decode.packet import Packet
+from collector.flows.community_id import ICMP4_COUNTERPART, ICMP6_COUNTERPART
 
 ICMP, ICMPV6, TCP = 1, 58, 6
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 NS = 1_000_000_000
 END_REASONS = ("idle", "active", "fin", "rst", "evicted", "shutdown")
 
-# Community ID v1's ICMP counterparts: request type -> reply type, both ways
-_ICMP4_PAIRS = {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 10: 9, 9: 10, 17: 18, 18: 17}
-_ICMP6_PAIRS = {128: 129, 129: 128, 133: 134, 134: 133, 135: 136, 136: 135, 130: 131, 131: 130,
-                144: 145, 145: 144}
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +142,7 @@ def icmp_ports(version: int | None, icmp_type: int | None, icmp_code: int | None
     """Community ID v1's ICMP port convention: (type, counterpart) or (type, code)."""
     if icmp_type is None:
         return None, None
-    pairs = _ICMP6_PAIRS if version == 6 else _ICMP4_PAIRS
+    pairs = ICMP6_COUNTERPART if version == 6 else ICMP4_COUNTERPART
     if icmp_type in pairs:
         return icmp_type, pairs[icmp_type]
     return icmp_type, icmp_code
