@@ -1,0 +1,153 @@
+"""SQL over a collector dataset, through DuckDB.
+
+`connect(data_dir)` returns a DuckDB connection with views:
+
+- `flows`, `packets`, `sessions`: the Parquet tables (Hive partitions `date`, `hour` added),
+  read by column name so that files of older schema versions stay readable;
+- `conversations`: flow segments merged per conversation (both directions of a conversation
+  may be metered by different workers or appliances, and a long flow is cut by the active
+  timeout);
+- `vpc_flow_logs`: the AWS VPC Flow Logs field names, one row per direction, so that Athena
+  queries written for flow logs run here.
+
+The inet extension is loaded from the `duckdb-extension-inet` wheel (never downloaded at run
+time), so `src_addr::INET <<= '10.0.0.0/16'::INET` works; the macro `in_cidr(addr, cidr)`
+says the same without the cast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from collector.store.schema import TABLES
+
+__all__ = ["connect", "QueryError", "inet_extension_path"]
+
+
+class QueryError(ValueError):
+    """A SQL statement DuckDB refused, with its one-line message."""
+
+
+def inet_extension_path() -> Path | None:
+    """The inet extension file shipped by the wheel for this DuckDB version, if installed."""
+    try:
+        import duckdb_extension_inet
+    except ImportError:
+        return None
+    path = (Path(duckdb_extension_inet.__file__).parent / "extensions"
+            / f"v{duckdb.__version__}" / "inet.duckdb_extension")
+    return path if path.is_file() else None
+
+
+def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection over the dataset in `data_dir` (which may be empty or absent)."""
+    root = Path(data_dir)
+    con = duckdb.connect(database)
+    extension = inet_extension_path()
+    has_inet = False
+    if extension is not None:
+        try:
+            con.execute(f"LOAD '{_quote(str(extension))}'")
+            has_inet = True
+        except duckdb.Error:
+            pass  # an extension that does not load leaves the string macro below
+    for table, schema in TABLES.items():
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS {_table_source(con, root, table, schema)}")
+    con.execute(_CONVERSATIONS)
+    con.execute(_VPC_FLOW_LOGS)
+    if has_inet:
+        con.execute("CREATE OR REPLACE MACRO in_cidr(addr, cidr) AS addr::INET <<= cidr::INET")
+    return con
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _table_source(con: duckdb.DuckDBPyConnection, root: Path, table: str, schema: pa.Schema) -> str:
+    directory = root / table
+    if any(directory.glob("date=*/hour=*/*.parquet")):
+        pattern = _quote(str(directory / "date=*" / "hour=*" / "*.parquet"))
+        return (f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
+                f"union_by_name = true, hive_types = {{'date': DATE, 'hour': INTEGER}})")
+    # No file yet: an empty relation of the right types, so queries still bind. A connection
+    # made now does not see files written later: reconnect (each `collector query` does).
+    empty = pa.Table.from_batches([], schema=schema.append(pa.field("date", pa.date32()))
+                                  .append(pa.field("hour", pa.int32())))
+    name = f"_empty_{table}"
+    con.register(name, empty)
+    return f"SELECT * FROM {name}"
+
+
+_CONVERSATIONS = """
+CREATE OR REPLACE VIEW conversations AS
+WITH segments AS (
+    -- the unordered endpoint pair: the same for every segment of a conversation, whichever
+    -- direction each was metered from
+    SELECT *,
+        coalesce((src_addr, src_port) <= (dst_addr, dst_port), true) AS src_is_low,
+        CASE WHEN src_is_low THEN src_addr ELSE dst_addr END AS low_addr,
+        CASE WHEN src_is_low THEN src_port ELSE dst_port END AS low_port,
+        CASE WHEN src_is_low THEN dst_addr ELSE src_addr END AS high_addr,
+        CASE WHEN src_is_low THEN dst_port ELSE src_port END AS high_port
+    FROM flows
+),
+oriented AS (
+    -- the conversation's initiator: the initiator of its earliest segment
+    SELECT *, arg_min(src_is_low, first_seen) OVER conversation AS initiator_is_low
+    FROM segments
+    WINDOW conversation AS (PARTITION BY vni, vlan_id, inner_vlan_id, ip_version, protocol,
+                                         low_addr, low_port, high_addr, high_port)
+)
+SELECT
+    vni, any_value(session_id) AS session_id, vlan_id, inner_vlan_id, ip_version, protocol,
+    CASE WHEN initiator_is_low THEN low_addr ELSE high_addr END AS src_addr,
+    CASE WHEN initiator_is_low THEN high_addr ELSE low_addr END AS dst_addr,
+    CASE WHEN initiator_is_low THEN low_port ELSE high_port END AS src_port,
+    CASE WHEN initiator_is_low THEN high_port ELSE low_port END AS dst_port,
+    min(first_seen) AS first_seen, max(last_seen) AS last_seen,
+    sum(CASE WHEN src_is_low = initiator_is_low THEN packets ELSE rev_packets END) AS packets,
+    sum(CASE WHEN src_is_low = initiator_is_low THEN bytes ELSE rev_bytes END) AS bytes,
+    sum(CASE WHEN src_is_low = initiator_is_low THEN rev_packets ELSE packets END) AS rev_packets,
+    sum(CASE WHEN src_is_low = initiator_is_low THEN rev_bytes ELSE bytes END) AS rev_bytes,
+    sum(truncated_packets + rev_truncated_packets) AS truncated_packets,
+    bit_or(CASE WHEN src_is_low = initiator_is_low THEN tcp_flags ELSE rev_tcp_flags END) AS tcp_flags,
+    bit_or(CASE WHEN src_is_low = initiator_is_low THEN rev_tcp_flags ELSE tcp_flags END) AS rev_tcp_flags,
+    any_value(community_id) AS community_id,
+    count(*) AS segments, count(DISTINCT collector_id) AS collectors,
+    arg_max(end_reason, last_seen) AS end_reason
+FROM oriented
+GROUP BY vni, vlan_id, inner_vlan_id, ip_version, protocol, low_addr, low_port, high_addr,
+         high_port, initiator_is_low
+"""
+
+_VPC_FLOW_LOGS = """
+CREATE OR REPLACE VIEW vpc_flow_logs AS
+WITH directed AS (
+    SELECT f.*, src_addr AS a, dst_addr AS b, src_port AS a_port, dst_port AS b_port,
+           packets AS n_packets, bytes AS n_bytes, tcp_flags AS n_flags FROM flows f
+    UNION ALL
+    SELECT f.*, dst_addr, src_addr, dst_port, src_port, rev_packets, rev_bytes, rev_tcp_flags
+    FROM flows f WHERE rev_packets > 0
+)
+SELECT
+    5 AS "version",
+    s.owner_id AS "account-id",
+    d.network_interface_id AS "interface-id",
+    d.a AS srcaddr, d.b AS dstaddr, d.a_port AS srcport, d.b_port AS dstport,
+    d.protocol AS protocol, d.n_packets AS packets, d.n_bytes AS bytes,
+    epoch(d.first_seen)::BIGINT AS "start", epoch(d.last_seen)::BIGINT AS "end",
+    'ACCEPT' AS "action", 'OK' AS "log-status",
+    NULL::VARCHAR AS "vpc-id", NULL::VARCHAR AS "subnet-id", NULL::VARCHAR AS "instance-id",
+    (d.n_flags & 63)::INTEGER AS "tcp-flags",
+    CASE d.ip_version WHEN 4 THEN 'IPv4' WHEN 6 THEN 'IPv6' END AS "type",
+    d.a AS "pkt-srcaddr", d.b AS "pkt-dstaddr",
+    NULL::VARCHAR AS "flow-direction",
+    d.vni, d.session_id, d.collector_id
+FROM directed d
+LEFT JOIN (SELECT vni, any_value(owner_id) AS owner_id FROM sessions GROUP BY vni) s USING (vni)
+"""
