@@ -4,11 +4,11 @@ Sans-I/O: `add_batch` / `add` take packets and their capture or receive timestam
 `expire(now_ns)` takes the clock the caller trusts; both return the flows that ended. Nothing
 here reads a clock, a socket or a file.
 
-Keys. A flow is (VNI, VLAN ids, IP version, protocol, unordered pair of endpoints), an
-endpoint being (address, port). The VNI is in the key: a conversation mirrored from both of
-its ENIs arrives under two VNIs and stays two flows. A field the copy did not carry (a
-25-byte copy has no addresses) is None in the key, so such packets are still counted, in a
-flow whose unknown fields are NULL.
+Keys. A flow is (VNI, VLAN ids, ethertype, IP version, protocol, unordered pair of
+endpoints), an endpoint being (address, port). The VNI is in the key: a conversation mirrored
+from both of its ENIs arrives under two VNIs and stays two flows. A field the copy did not
+carry (a 25-byte copy has no addresses) is None in the key, so such packets are still counted,
+in a flow whose unknown fields are NULL. Non-IP frames (ARP) are flows of their ethertype.
 
 Direction. Counters are kept per endpoint ("a" is the lower endpoint of the key); which one is
 the initiator is decided when the flow is exported: the sender of a TCP SYN without ACK when
@@ -72,8 +72,8 @@ class _Side:
 
 
 class Flow:
-    """A flow being metered. `key` = (vni, vlan, inner_vlan, ip_version, protocol,
-    addr_a, port_a, addr_b, port_b); addresses are 4 or 16 bytes."""
+    """A flow being metered. `key` = (vni, vlan, inner_vlan, ethertype, ip_version,
+    protocol, addr_a, port_a, addr_b, port_b); addresses are 4 or 16 bytes."""
 
     __slots__ = ("key", "first_ns", "last_ns", "a", "b", "syn_from", "fin_a", "fin_b",
                  "end_reason", "closing_since", "generation")
@@ -105,6 +105,7 @@ class EndedFlow:
     vni: int | None
     vlan_id: int | None
     inner_vlan_id: int | None
+    ethertype: int | None
     ip_version: int | None
     protocol: int | None
     src_addr: bytes | None
@@ -127,12 +128,12 @@ class EndedFlow:
 
 
 def _export(flow: Flow, reason: str) -> EndedFlow:
-    vni, vlan, inner_vlan, version, proto, addr_a, port_a, addr_b, port_b = flow.key
+    vni, vlan, inner_vlan, ethertype, version, proto, addr_a, port_a, addr_b, port_b = flow.key
     fwd, rev = (flow.a, flow.b) if flow.initiator_is_a() else (flow.b, flow.a)
     src, sport, dst, dport = ((addr_a, port_a, addr_b, port_b) if fwd is flow.a
                               else (addr_b, port_b, addr_a, port_a))
     return EndedFlow(
-        vni, vlan, inner_vlan, version, proto, src, dst, sport, dport, flow.first_ns,
+        vni, vlan, inner_vlan, ethertype, version, proto, src, dst, sport, dport, flow.first_ns,
         flow.last_ns, fwd.packets, fwd.bytes, fwd.captured, fwd.truncated, fwd.flags,
         rev.packets, rev.bytes, rev.captured, rev.truncated, rev.flags, reason,
     )
@@ -180,7 +181,7 @@ class FlowTable:
             sport, dport = icmp_ports(pkt.ip_version, pkt.icmp_type, pkt.icmp_code)
         vlans = pkt.vlans + (None, None)
         return self._meter(
-            ts_ns, pkt.vni, vlans[0], vlans[1], pkt.ip_version, pkt.ip_proto, pkt.src_addr,
+            ts_ns, pkt.vni, vlans[0], vlans[1], pkt.ethertype, pkt.ip_version, pkt.ip_proto, pkt.src_addr,
             pkt.dst_addr, sport, dport, pkt.wire_len, pkt.captured_len, pkt.l3_offset,
             pkt.truncated, pkt.tcp_flags, pkt.frag_offset, pkt.more_fragments, pkt.ip_id,
         )
@@ -198,7 +199,7 @@ class FlowTable:
             ended.extend(meter(*values))
         return ended
 
-    def _meter(self, ts, vni, vlan, inner_vlan, version, proto, src, dst, sport, dport,
+    def _meter(self, ts, vni, vlan, inner_vlan, ethertype, version, proto, src, dst, sport, dport,
                wire_len, captured_len, l3_offset, truncated, flags, frag_offset, more, ip_id):
         self.packets += 1
         ended: list[EndedFlow] = []
@@ -212,9 +213,9 @@ class FlowTable:
         end_1 = (src or b"", -1 if sport is None else sport)
         end_2 = (dst or b"", -1 if dport is None else dport)
         if end_1 <= end_2:
-            key, from_a = (vni, vlan, inner_vlan, version, proto, src, sport, dst, dport), True
+            key, from_a = (vni, vlan, inner_vlan, ethertype, version, proto, src, sport, dst, dport), True
         else:
-            key, from_a = (vni, vlan, inner_vlan, version, proto, dst, dport, src, sport), False
+            key, from_a = (vni, vlan, inner_vlan, ethertype, version, proto, dst, dport, src, sport), False
         flow = self._flows.get(key)
         if flow is not None:
             if ts - flow.first_ns >= self._active_ns and flow.end_reason is None:
@@ -355,7 +356,8 @@ def _batch_columns(batch: PacketBatch, rows: np.ndarray, ts: np.ndarray) -> list
     inner = [v if n >= 2 else None for v, n in zip(batch.inner_vlan[rows].tolist(), vlan_count)]
     more = [None if v < 0 else bool(v) for v in batch.more_fragments[rows].tolist()]
     return [
-        ts.tolist(), optional(batch.vni), vlan, inner, version, proto, addresses("src"),
+        ts.tolist(), optional(batch.vni), vlan, inner, optional(batch.ethertype), version, proto,
+        addresses("src"),
         addresses("dst"), sport, dport, optional(batch.wire_len),
         batch.captured_len[rows].tolist(), optional(batch.l3_offset),
         batch.truncated[rows].tolist(), optional(batch.tcp_flags),

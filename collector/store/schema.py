@@ -26,6 +26,7 @@ FLOWS = pa.schema(
         _field("collector_id", pa.string(), doc="the appliance that metered the flow"),
         _field("vlan_id", pa.int16(), doc="VLAN id of the mirrored frame (outermost tag)"),
         _field("inner_vlan_id", pa.int16(), doc="second VLAN tag (QinQ)"),
+        _field("ethertype", pa.int32(), doc="of the mirrored frame: 2048 IPv4, 34525 IPv6, ..."),
         _field("ip_version", pa.int8()),
         _field("protocol", pa.int16(), doc="transport after IPv6 extension headers"),
         _field("src_addr", pa.string(), doc="initiator address (NULL: cut from the copy)"),
