@@ -113,10 +113,11 @@ def _route(record: Record, slots: dict[int, _Slots], vxlan_header: bytes, no_vni
     if outer is not None:
         result.mirror_datagrams += 1
         batch = slots[outer.port]
-        # The copy AWS sent had payload_len bytes; a capture snaplen may hold fewer. Lengths
-        # (captured_len, truncated) describe the bytes the capture holds: those are the ones
-        # that can be counted.
-        full = batch.add(outer.payload, len(outer.payload), record.timestamp_ns)
+        # The copy AWS sent had payload_len bytes; a capture snaplen may hold fewer. As in
+        # `collector decode`, lengths (captured_len, truncated) describe the copy AWS sent;
+        # fields the snaplen cut are NULL. A plain packet (below) is its own copy: its
+        # lengths are the capture's.
+        full = batch.add(outer.payload, outer.payload_len, record.timestamp_ns)
         return batch if full else None
     located = link_layer(record.linktype, record.data)
     if located is None:
