@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import socket
+import sys
+import time
 
 import click
 
@@ -15,6 +19,7 @@ from collector import __version__
 from collector.capture import CaptureError
 from collector.datagrams import Stats, decode_capture, format_line, header_line, to_json
 from collector.decode import Malformed
+from collector.flows import FlowConfig
 from collector.sessions import SessionRegistry, SessionsError
 
 
@@ -146,3 +151,110 @@ def _session_id(registry: SessionRegistry | None, packet) -> str | None:
         return None
     session = registry.lookup(packet.vni)
     return None if session is None else session.session_id
+
+
+def _registry(files: tuple[str, ...]) -> SessionRegistry | None:
+    if not files:
+        return None
+    try:
+        return SessionRegistry.load(files)
+    except SessionsError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _default_collector_id() -> str:
+    name = socket.gethostname().split(".")[0] or "collector"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+
+
+@main.command("ingest")
+@click.argument("captures", nargs=-1, required=True, metavar="CAPTURE...",
+                type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_dir", default="data", show_default=True, metavar="DIR",
+              type=click.Path(file_okay=False), help="The dataset to add flows to.")
+@click.option("--sessions", "session_files", metavar="FILE", multiple=True,
+              help="AWS CLI JSON naming the sessions (as for `collector sessions`); repeat for more.")
+@click.option("--vni", type=click.IntRange(0, 2**24 - 1), metavar="N",
+              help="Record packets that are not mirror datagrams under this VNI (else NULL).")
+@click.option("--collector-id", default=None, metavar="ID",
+              help="Written into every row and file name.  [default: host name]")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, metavar="S", help="End a flow after S seconds without packets.")
+@click.option("--active-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, metavar="S", help="Cut longer flows into S-second rows.")
+@click.option("--max-flows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              metavar="N", help="Active flows kept; past it the least recently seen end early.")
+@click.option("--packets", is_flag=True, help="Also write the packets table.")
+@click.option("--packet-bytes", type=click.IntRange(0, 9000), default=128, show_default=True,
+              metavar="N", help="With --packets: bytes of each mirrored frame to keep.")
+def ingest_command(captures, data_dir, session_files, vni, collector_id, idle_timeout,
+                   active_timeout, max_flows, packets, packet_bytes) -> None:
+    """Meter the packets of pcap/pcapng captures into the flows dataset.
+
+    A UDP 4789 / 4790 / 6081 datagram is a mirrored copy (a capture taken on an appliance) and
+    is decapsulated; any other packet is itself a mirrored packet, recorded under --vni.
+    Timestamps come from the capture. A cut or corrupt capture stops with its file name and
+    byte offset, after what was read before it has been written.
+
+    \b
+    Example:
+      collector ingest capture.pcap --sessions sessions.json --data data
+      collector query --data data "SELECT src_addr, sum(bytes) FROM flows GROUP BY 1"
+    """
+    from collector.ingest import ingest
+    from collector.pipeline import Pipeline
+
+    registry = _registry(session_files)
+    pipeline = Pipeline(
+        data_dir, collector_id=collector_id or _default_collector_id(), registry=registry,
+        flow_config=FlowConfig(idle_timeout=idle_timeout, active_timeout=active_timeout,
+                               max_flows=max_flows),
+        packets=packets, packet_bytes=packet_bytes)
+    started = time.monotonic()
+    total = sum(os.path.getsize(path) for path in captures)
+    show = sys.stderr.isatty()
+    with click.progressbar(length=total, label="ingesting", file=sys.stderr,
+                           hidden=not show) as bar:
+        try:
+            result = ingest(captures, pipeline, vni=vni, progress=bar.update)
+        except CaptureError as e:
+            raise click.ClickException(f"{e} (everything before it was written to {data_dir})") from e
+    elapsed = time.monotonic() - started
+    c = pipeline.counters
+    malformed = sum(c.malformed.values())
+    click.echo(
+        f"{result.records} packets from {result.files} file(s) in {elapsed:.2f} s "
+        f"({result.records / elapsed if elapsed else 0:,.0f} packets/s): "
+        f"{result.mirror_datagrams} mirror datagrams, {result.plain_packets} plain packets, "
+        f"{result.skipped} skipped; {c.decoded} decoded, {malformed} malformed, "
+        f"{c.truncated} truncated copies; {c.flows_exported} flows in "
+        f"{pipeline.flow_writer.stats.files} file(s) under {data_dir}", err=True)
+
+
+@main.command("query")
+@click.argument("sql")
+@click.option("--data", "data_dir", default="data", show_default=True, metavar="DIR",
+              type=click.Path(file_okay=False), help="The dataset to query.")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json", "parquet"]),
+              default="table", show_default=True, help="How to write the result.")
+@click.option("--output", metavar="FILE", help="Write to FILE instead of standard output.")
+def query_command(sql, data_dir, output_format, output) -> None:
+    """Run SQL over the dataset with DuckDB.
+
+    Views: flows, packets, sessions, conversations (flow segments merged per conversation) and
+    vpc_flow_logs (AWS VPC Flow Logs field names, one row per direction). CIDR tests:
+    `src_addr::INET <<= '10.0.0.0/16'::INET` or `in_cidr(src_addr, '10.0.0.0/16')`.
+
+    \b
+    Example:
+      collector query "SELECT src_addr, dst_addr, sum(bytes + rev_bytes) AS bytes
+                       FROM flows GROUP BY ALL ORDER BY bytes DESC LIMIT 10"
+    """
+    from collector.query import QueryError, connect
+    from collector.query.output import run, write
+
+    try:
+        write(run(connect(data_dir), sql), output_format, output)
+    except QueryError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
