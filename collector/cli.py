@@ -258,3 +258,51 @@ def query_command(sql, data_dir, output_format, output) -> None:
     except QueryError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
+
+
+@main.command("serve")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="TOML settings (keys as the long options, e.g. flush_seconds = 5).")
+@click.option("--listen", metavar="HOST:PORT", help="VXLAN listener.  [default: 0.0.0.0:4789]")
+@click.option("--geneve-listen", metavar="HOST:PORT",
+              help="GENEVE listener (GWLB), or 'off'.  [default: 0.0.0.0:6081]")
+@click.option("--health", metavar="HOST:PORT",
+              help="HTTP /healthz and /metrics (also a TCP health check).  [default: 0.0.0.0:8080]")
+@click.option("--data", metavar="DIR", help="Dataset directory.  [default: data]")
+@click.option("--sessions", multiple=True, metavar="FILE",
+              help="AWS CLI JSON naming the sessions; repeat for more. Reloaded on SIGHUP.")
+@click.option("--workers", metavar="N", help="Receive processes.  [default: one per core]")
+@click.option("--flush-seconds", metavar="S", help="Write files at least this often.  [default: 10]")
+@click.option("--idle-timeout", metavar="S", help="End a flow after S s without packets.  [default: 60]")
+@click.option("--active-timeout", metavar="S", help="Cut longer flows into S-second rows.  [default: 60]")
+@click.option("--max-flows", metavar="N", help="Active flows per worker.  [default: 1000000]")
+@click.option("--packets/--no-packets", default=None, help="Also write the packets table.")
+@click.option("--packet-bytes", metavar="N", help="With --packets: frame bytes kept.  [default: 128]")
+@click.option("--collector-id", metavar="ID", help="Written into rows and file names.  [default: host name]")
+@click.option("--min-free", metavar="BYTES", help="Unhealthy below this free space (K/M/G).  [default: 512M]")
+@click.option("--rcvbuf", metavar="BYTES", help="Socket receive buffer (K/M/G).  [default: 64M]")
+@click.option("--shutdown-timeout", metavar="S", help="Bound on a clean stop.  [default: 10]")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="One line per event, as text or JSON.  [default: text]")
+def serve_command(config_file, **flags) -> None:
+    """Run the appliance: receive mirrored traffic, meter flows, write Parquet.
+
+    Point a Traffic Mirror target (an ENI, or an NLB with a UDP 4789 listener whose health
+    check is TCP or HTTP on the --health port) at this host. Settings: flags, then COLLECTOR_*
+    environment variables (COLLECTOR_DATA, COLLECTOR_WORKERS, ...), then the --config file.
+    SIGTERM/SIGINT stop cleanly (every flow is written, `end_reason` shutdown); SIGHUP reloads
+    the sessions files. Start-up problems print one line and exit 2.
+
+    \b
+    Example:
+      collector serve --sessions sessions.json --data /var/lib/collector
+      curl -s localhost:8080/healthz; curl -s localhost:8080/metrics
+    """
+    from collector.serve import ConfigError, StartupError, load, serve
+
+    try:
+        config = load(config_file, flags=flags)
+        sys.exit(serve(config))
+    except (ConfigError, StartupError) as err:
+        click.echo(f"collector serve: {err}", err=True)
+        sys.exit(2)

@@ -19,8 +19,10 @@ COMPARED = ("encap", "vni", "reserved_bits", "geneve_vni", "captured_len", "ethe
             "src_port", "dst_port", "tcp_flags", "icmp_type", "icmp_code", "truncated")
 
 
-def as_rows(datagrams, width):
-    buf = np.zeros((len(datagrams), width), dtype=np.uint8)
+def as_rows(datagrams, width, seed=0):
+    # Slots are reused: the bytes past a datagram's length are left from earlier ones, so
+    # they are random here and must never show in the result.
+    buf = np.random.default_rng(seed).integers(0, 256, (len(datagrams), width), dtype=np.uint8)
     for i, datagram in enumerate(datagrams):
         head = datagram[:width]
         buf[i, : len(head)] = np.frombuffer(head, dtype=np.uint8)

@@ -1,0 +1,211 @@
+"""`collector serve` settings: defaults, then a TOML file, then COLLECTOR_* variables, then flags.
+
+Every value is checked here, before anything is bound or spawned: a bad value stops the
+appliance at start with one line that names the setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it and its source."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    listen: Address = Address("0.0.0.0", 4789)  # VXLAN
+    geneve_listen: Address | None = Address("0.0.0.0", 6081)  # GENEVE (GWLB); None: off
+    health: Address = Address("0.0.0.0", 8080)  # HTTP /healthz and /metrics
+    data: Path = Path("data")
+    sessions: tuple[Path, ...] = ()
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    flush_seconds: float = 10.0
+    idle_timeout: float = 60.0
+    active_timeout: float = 60.0
+    max_flows: int = 1_000_000  # per worker
+    packets: bool = False
+    packet_bytes: int = 128
+    collector_id: str = field(default_factory=lambda: _host_name())
+    min_free: int = 512 * 1024 * 1024  # bytes free in the data directory for health
+    rcvbuf: int = 64 * 1024 * 1024  # socket receive buffer per socket
+    batch: int = 1024  # datagrams received per batch
+    shutdown_timeout: float = 10.0
+    health_stale: float = 5.0  # a worker loop older than this is unhealthy
+    log_format: str = "text"
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes kept of each datagram: the headers (GENEVE + GWLB options + VXLAN + inner
+        headers fit in 192), plus the frame bytes the packets table keeps."""
+        return 192 + (self.packet_bytes if self.packets else 0)
+
+
+def _host_name() -> str:
+    name = socket.gethostname().split(".")[0] or "collector"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+
+
+def parse_address(text: str, default_host: str = "0.0.0.0") -> Address:
+    """'HOST:PORT', '[V6]:PORT', ':PORT' or 'PORT'."""
+    text = str(text).strip()
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif text.isdigit():
+        host, port = "", text
+    else:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be 0-65535")
+    return Address(host or default_host, int(port))
+
+
+def _size(text) -> int:
+    """Bytes, with an optional K/M/G suffix (powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    text = str(text).strip().upper().removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    return int(float(number) * scale)
+
+
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true/false")
+
+
+def _paths(value) -> tuple[Path, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(Path(v) for v in value)
+    return tuple(Path(v) for v in str(value).replace(",", " ").split())
+
+
+def _optional_address(value):
+    if value in (None, "", "off", "none", False):
+        return None
+    return parse_address(value)
+
+
+def _positive(kind):
+    def convert(value):
+        number = kind(value)
+        if not number > 0:
+            raise ValueError(f"{value!r} must be > 0")
+        return number
+    return convert
+
+
+def _choice(*options):
+    def convert(value):
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return value
+    return convert
+
+
+def _packet_bytes(value) -> int:
+    number = int(value)
+    if not 0 <= number <= 9000:
+        raise ValueError(f"{value!r} must be 0-9000")
+    return number
+
+
+def _collector_id(value) -> str:
+    text = str(value)
+    if not text or any(not (c.isalnum() or c in "._-") for c in text):
+        raise ValueError(f"{value!r}: use letters, digits, '.', '_' and '-' only")
+    return text
+
+
+_CONVERT = {
+    "listen": parse_address,
+    "geneve_listen": _optional_address,
+    "health": parse_address,
+    "data": Path,
+    "sessions": _paths,
+    "workers": _positive(int),
+    "flush_seconds": _positive(float),
+    "idle_timeout": _positive(float),
+    "active_timeout": _positive(float),
+    "max_flows": _positive(int),
+    "packets": _bool,
+    "packet_bytes": _packet_bytes,
+    "collector_id": _collector_id,
+    "min_free": _size,
+    "rcvbuf": _positive(_size),
+    "batch": _positive(int),
+    "shutdown_timeout": _positive(float),
+    "health_stale": _positive(float),
+    "log_format": _choice("text", "json"),
+}
+ENV_PREFIX = "COLLECTOR_"
+KEYS = tuple(f.name for f in fields(ServeConfig))
+
+
+def load(config_file: str | os.PathLike | None = None, env: dict | None = None,
+         flags: dict | None = None) -> ServeConfig:
+    """Defaults <- TOML file <- COLLECTOR_* environment <- flags (None = not given)."""
+    config = ServeConfig()
+    if config_file is not None:
+        config = _apply(config, _read_toml(Path(config_file)), f"{config_file}")
+    env = os.environ if env is None else env
+    from_env = {key: env[ENV_PREFIX + key.upper()] for key in KEYS if ENV_PREFIX + key.upper() in env}
+    config = _apply(config, from_env, "environment", prefix=ENV_PREFIX)
+    given = {key: value for key, value in (flags or {}).items() if value not in (None, ())}
+    return _apply(config, given, "command line", prefix="--")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    # Settings may sit at the top level or under [serve].
+    settings = dict(document.get("serve", {})) if isinstance(document.get("serve"), dict) else {}
+    settings.update({k: v for k, v in document.items() if k != "serve"})
+    return {key.replace("-", "_"): value for key, value in settings.items()}
+
+
+def _apply(config: ServeConfig, values: dict, source: str, prefix: str = "") -> ServeConfig:
+    changes = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        shown = (f"{prefix}{name.upper()}" if prefix == ENV_PREFIX
+                 else f"{prefix}{name.replace('_', '-')}" if prefix else name)
+        if name not in _CONVERT:
+            raise ConfigError(f"{source}: unknown setting {shown!r}; settings: {', '.join(KEYS)}")
+        try:
+            changes[name] = _CONVERT[name](value)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{source}: {shown}: {err}") from None
+    return replace(config, **changes)

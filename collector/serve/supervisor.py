@@ -1,0 +1,332 @@
+"""`collector serve`: checks, workers, health and metrics, signals.
+
+Start-up checks everything before binding anything: sessions JSON, data directory, that no
+one listens on our ports (probed without SO_REUSEPORT, so that a second collector cannot
+silently join our group and take half the traffic). Problems raise `StartupError` (the CLI
+prints one line and exits 2). Then N worker processes each bind their own SO_REUSEPORT
+sockets, meter, and report; the supervisor serves /healthz and /metrics from their reports,
+restarts a worker that dies, reloads sessions on SIGHUP, and on SIGTERM/SIGINT stops the
+workers (which drain, export every flow and write) within `shutdown_timeout`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import time
+import uuid
+
+from collector.serve import logs
+from collector.serve.config import Address, ServeConfig
+from collector.serve.http import HealthServer
+from collector.serve.receiver import open_listener, port_free
+from collector.serve.worker import Listener, Snapshot, Worker
+from collector.decode import GENEVE_PORT, VXLAN_PORT
+from collector.sessions import SessionRegistry, SessionsError
+from collector.store.rows import sessions_batch
+from collector.store.writer import DatasetWriter
+
+log = logging.getLogger("collector.serve")
+_CONTEXT = multiprocessing.get_context("spawn")  # no fork of a threaded process
+
+
+class StartupError(RuntimeError):
+    """The appliance cannot start; the message is one line for the operator."""
+
+
+def _worker_main(index: int, config: ServeConfig, conn) -> None:
+    """Entry point of a worker process."""
+    logs.setup(config.log_format)
+    listeners = [Listener("vxlan", VXLAN_PORT, open_listener(config.listen, config.rcvbuf)[0])]
+    if config.geneve_listen is not None:
+        listeners.append(Listener("geneve", GENEVE_PORT,
+                                  open_listener(config.geneve_listen, config.rcvbuf)[0]))
+    registry = SessionRegistry.load(config.sessions) if config.sessions else None
+
+    def report(snapshot: Snapshot) -> None:
+        try:
+            conn.send(snapshot)
+        except (BrokenPipeError, OSError):
+            os._exit(0)  # the supervisor is gone: nobody to serve health; systemd restarts us
+
+    raise SystemExit(Worker(index, config, listeners, registry, report).run())
+
+
+class Supervisor:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.registry: SessionRegistry | None = None
+        self.snapshots: dict[int, Snapshot] = {}
+        self.processes: dict[int, multiprocessing.Process] = {}
+        self.pipes: dict[int, multiprocessing.connection.Connection] = {}
+        self.started_at: dict[int, float] = {}
+        self.stopping = False
+        self.reload_requested = False
+        self.reload_errors = 0
+        self._writable: tuple[float, str | None] = (0.0, None)
+        self.http: HealthServer | None = None
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Everything that can be known wrong before binding: StartupError if anything is."""
+        config = self.config
+        if config.sessions:
+            try:
+                self.registry = SessionRegistry.load(config.sessions)
+            except SessionsError as err:
+                raise StartupError(str(err)) from None
+        try:
+            config.data.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StartupError(f"data directory {config.data}: {err.strerror or err}") from None
+        problem = self._write_probe()
+        if problem:
+            raise StartupError(f"data directory {config.data} is not writable: {problem}")
+        udp = [("--listen", config.listen)]
+        if config.geneve_listen is not None:
+            udp.append(("--geneve-listen", config.geneve_listen))
+        for option, address in udp:
+            self._probe(option, address, socket.SOCK_DGRAM)
+        self._probe("--health", config.health, socket.SOCK_STREAM)
+        self._warn_rcvbuf()
+
+    def _probe(self, option: str, address: Address, kind: int) -> None:
+        try:
+            port_free(address, kind)
+        except OSError as err:
+            proto = "UDP" if kind == socket.SOCK_DGRAM else "TCP"
+            what = "is in use (another collector?)" if err.errno == 98 else f"cannot be bound: {err.strerror}"
+            raise StartupError(f"{option} {proto} {address} {what}") from None
+
+    def _warn_rcvbuf(self) -> None:
+        sock = socket.socket(self.config.listen.family, socket.SOCK_DGRAM)
+        try:
+            from collector.serve.receiver import SO_RCVBUFFORCE
+
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.config.rcvbuf)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.rcvbuf)
+            granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+        finally:
+            sock.close()
+        if granted < self.config.rcvbuf:
+            log.warning("socket receive buffer capped at %d bytes (asked %d): raise it with "
+                        "`sysctl -w net.core.rmem_max=%d` or run with CAP_NET_ADMIN",
+                        granted, self.config.rcvbuf, self.config.rcvbuf)
+
+    def _write_probe(self) -> str | None:
+        """None when a file can be created in the data directory, else why not."""
+        probe = self.config.data / f".probe-{uuid.uuid4().hex}"
+        try:
+            with open(probe, "xb") as f:
+                f.write(b"ok")
+            probe.unlink()
+            return None
+        except OSError as err:
+            return f"{type(err).__name__}: {err.strerror or err}"
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.check()
+        try:
+            self.http = HealthServer(self.config.health, self.health, self.metrics_source)
+        except OSError as err:
+            raise StartupError(f"--health TCP {self.config.health}: {err.strerror or err}") from None
+        self._store_sessions()
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        for index in range(self.config.workers):
+            self._spawn(index)
+        self.http.start()
+        log.info("collector serving: VXLAN on UDP %s, GENEVE on UDP %s, health and metrics on "
+                 "http://%s/healthz, %d worker(s), data in %s, %d session(s)",
+                 self.config.listen, self.config.geneve_listen or "off", self.config.health,
+                 self.config.workers, self.config.data,
+                 len(self.registry) if self.registry else 0)
+        while not self.stopping:
+            self._read_reports(timeout=0.5)
+            if self.reload_requested:
+                self._reload()
+            self._restart_dead()
+        return self._shutdown()
+
+    def _spawn(self, index: int) -> None:
+        parent, child = _CONTEXT.Pipe(duplex=False)
+        process = _CONTEXT.Process(target=_worker_main, args=(index, self.config, child),
+                                   name=f"collector-worker-{index}", daemon=False)
+        process.start()
+        child.close()
+        self.processes[index], self.pipes[index] = process, parent
+        self.started_at[index] = time.time()
+
+    def _read_reports(self, timeout: float) -> None:
+        ready = multiprocessing.connection.wait(list(self.pipes.values()), timeout)
+        for conn in ready:
+            try:
+                snapshot = conn.recv()
+            except (EOFError, OSError):
+                continue
+            self.snapshots[snapshot.worker] = snapshot
+
+    def _restart_dead(self) -> None:
+        for index, process in list(self.processes.items()):
+            if not process.is_alive() and not self.stopping:
+                log.error("worker %d (pid %s) exited with %s: restarting it", index,
+                          process.pid, process.exitcode)
+                self.pipes[index].close()
+                self._spawn(index)
+
+    def _shutdown(self) -> int:
+        log.info("stopping: draining sockets, exporting every flow, writing files")
+        for process in self.processes.values():
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while any(p.is_alive() for p in self.processes.values()) and time.monotonic() < deadline:
+            self._read_reports(timeout=0.1)
+        code = 0
+        for index, process in self.processes.items():
+            if process.is_alive():
+                log.error("worker %d did not stop within %.0f s: killed", index,
+                          self.config.shutdown_timeout)
+                process.kill()
+                code = 1
+            process.join(1)
+        self._read_reports(timeout=0)
+        if self.http is not None:
+            self.http.stop()
+        totals = self.totals()
+        log.info("stopped: %d datagrams received, %d decoded, %d malformed, %d flows written",
+                 totals["received"], totals["decoded"], totals["malformed"], totals["flows"])
+        return code
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _on_reload(self, signum, frame) -> None:
+        self.reload_requested = True
+
+    def _reload(self) -> None:
+        self.reload_requested = False
+        if not self.config.sessions:
+            log.info("SIGHUP: no --sessions files to reload")
+            return
+        try:
+            registry = SessionRegistry.load(self.config.sessions)
+        except SessionsError as err:
+            self.reload_errors += 1
+            log.error("SIGHUP: sessions reload failed, keeping the old map: %s", err)
+            return
+        self.registry = registry
+        self._store_sessions()
+        for process in self.processes.values():
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGHUP)
+        log.info("SIGHUP: %d sessions loaded", len(registry))
+
+    def _store_sessions(self) -> None:
+        if not self.registry:
+            return
+        writer = DatasetWriter(self.config.data, "sessions", collector_id=self.config.collector_id,
+                               writer_id="supervisor")
+        try:
+            writer.write(sessions_batch(self.registry, self.config.collector_id, time.time_ns()))
+            writer.close()
+        except OSError as err:
+            log.error("could not store the sessions in %s: %s", self.config.data, err)
+
+    # -- health and metrics ----------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict]:
+        now = time.time()
+        reasons = []
+        workers = []
+        for index in range(self.config.workers):
+            snapshot = self.snapshots.get(index)
+            process = self.processes.get(index)
+            alive = process is not None and process.is_alive()
+            age = None if snapshot is None else now - snapshot.loop_at
+            workers.append({"worker": index, "alive": alive,
+                            "loop_age_seconds": None if age is None else round(age, 3)})
+            if not alive:
+                reasons.append(f"worker {index} is not running")
+            elif snapshot is None or snapshot.pid != process.pid:
+                if now - self.started_at.get(index, now) > self.config.health_stale:
+                    reasons.append(f"worker {index} has not reported")
+                else:
+                    reasons.append(f"worker {index} is starting")
+            elif age > self.config.health_stale:
+                reasons.append(f"worker {index} receive loop last ran {age:.1f} s ago")
+            elif snapshot.flush_error:
+                reasons.append(f"worker {index} last flush failed: {snapshot.flush_error}")
+        writable = self._writable_cached(now)
+        if writable:
+            reasons.append(f"data directory {self.config.data} is not writable: {writable}")
+        try:
+            free = shutil.disk_usage(self.config.data).free
+        except OSError:
+            free = 0
+        if free < self.config.min_free:
+            reasons.append(f"free space {free} bytes below --min-free {self.config.min_free}")
+        if self.stopping:
+            reasons.append("shutting down")
+        ok = not reasons
+        return ok, {"status": "ok" if ok else "unhealthy", "reasons": reasons,
+                    "workers": workers, "free_bytes": free, "collector_id": self.config.collector_id}
+
+    def _writable_cached(self, now: float) -> str | None:
+        checked_at, problem = self._writable
+        if now - checked_at >= 1.0:
+            problem = self._write_probe()
+            self._writable = (now, problem)
+        return problem
+
+    def metrics_source(self):
+        snapshots = list(self.snapshots.values())
+        names = {s.vni: s.session_id for s in self.registry} if self.registry else {}
+        extra = {"sessions": names, "proc_drops": self._proc_drops(),
+                 "healthy": self.health()[0]}
+        return snapshots, extra
+
+    def _proc_drops(self) -> dict[int, int]:
+        """Kernel drops of our UDP ports, from /proc/net/udp and udp6 (last column)."""
+        ports = {self.config.listen.port}
+        if self.config.geneve_listen is not None:
+            ports.add(self.config.geneve_listen.port)
+        drops = dict.fromkeys(ports, 0)
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            try:
+                with open(table) as f:
+                    next(f)
+                    for line in f:
+                        fields = line.split()
+                        port = int(fields[1].rsplit(":", 1)[1], 16)
+                        if port in drops:
+                            drops[port] += int(fields[-1])
+            except (OSError, ValueError, IndexError, StopIteration):
+                continue
+        return drops
+
+    def totals(self) -> dict:
+        snapshots = self.snapshots.values()
+        return {
+            "received": sum(sum(s.datagrams.values()) for s in snapshots),
+            "decoded": sum(s.decoded for s in snapshots),
+            "malformed": sum(sum(s.malformed.values()) for s in snapshots),
+            "flows": sum(sum(s.flows_exported.values()) for s in snapshots),
+        }
+
+
+def serve(config: ServeConfig) -> int:
+    """Run the appliance until SIGTERM/SIGINT; returns the exit code."""
+    logs.setup(config.log_format)
+    return Supervisor(config).run()

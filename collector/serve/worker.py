@@ -1,0 +1,206 @@
+"""One receive worker: its sockets in the SO_REUSEPORT groups, its own flow table and files.
+
+The loop polls its sockets, receives a batch, feeds the same pipeline `ingest` uses, and ticks
+the clock (flow expiry, file rotation). Every second it sends its counters to the supervisor,
+which serves /metrics and /healthz from them. SIGTERM/SIGINT: stop receiving, drain what the
+sockets already hold, export every flow (`shutdown`), write everything, exit 0. SIGHUP:
+reload the sessions files (a bad file keeps the old map).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from collector.decode import GENEVE_PORT, VXLAN_PORT
+from collector.flows import FlowConfig
+from collector.pipeline import Pipeline
+from collector.serve.config import ServeConfig
+from collector.serve.logs import RateLimited
+from collector.serve.receiver import Receiver
+from collector.sessions import SessionRegistry, SessionsError
+
+log = logging.getLogger("collector.serve")
+POLL_MS = 200  # the loop runs at least this often without traffic: expiry, flushes, heartbeat
+REPORT_SECONDS = 1.0
+
+
+@dataclass
+class Listener:
+    name: str  # "vxlan" | "geneve": the metric label
+    port: int  # the encapsulation it decodes (4789 / 6081), whatever port it listens on
+    sock: socket.socket
+
+
+@dataclass
+class Snapshot:
+    """What a worker reports to the supervisor."""
+
+    worker: int
+    pid: int
+    loop_at: float  # time.time() of the last loop pass
+    datagrams: dict = field(default_factory=dict)  # listener -> datagrams
+    bytes: dict = field(default_factory=dict)  # listener -> bytes
+    kernel_drops: dict = field(default_factory=dict)  # listener -> SO_RXQ_OVFL count
+    decoded: int = 0
+    malformed: dict = field(default_factory=dict)
+    truncated: int = 0
+    unknown_vni: int = 0
+    session_packets: dict = field(default_factory=dict)
+    session_bytes: dict = field(default_factory=dict)
+    flows_active: int = 0
+    flows_exported: dict = field(default_factory=dict)  # end reason -> flows
+    files_written: int = 0
+    rows_written: int = 0
+    flush_seconds: float = 0.0
+    flush_error: str | None = None
+    reload_errors: int = 0
+    sessions_loaded: int = 0
+    stopping: bool = False
+
+
+class Worker:
+    def __init__(self, index: int, config: ServeConfig, listeners: list[Listener],
+                 registry: SessionRegistry | None, report) -> None:
+        self.index, self.config, self.listeners = index, config, listeners
+        self.registry = registry
+        self.report = report  # callable(Snapshot)
+        self.pipeline = Pipeline(
+            config.data, collector_id=config.collector_id, writer_id=f"w{index}",
+            registry=None, flow_config=FlowConfig(
+                idle_timeout=config.idle_timeout, active_timeout=config.active_timeout,
+                max_flows=config.max_flows),
+            flush_seconds=config.flush_seconds, packets=config.packets,
+            packet_bytes=config.packet_bytes)
+        self.pipeline.registry = registry  # sessions are stored once, by the supervisor
+        self.receivers = {l.name: Receiver(l.sock, config.batch, config.slot_bytes)
+                          for l in listeners}
+        self.stop = False
+        self.reload = False
+        self.reload_errors = 0
+        self.flush_error: str | None = None
+        self._warn = RateLimited(log)
+        self._malformed_seen = 0
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        poller = select.poll()
+        by_fd = {}
+        for listener in self.listeners:
+            poller.register(listener.sock.fileno(), select.POLLIN)
+            by_fd[listener.sock.fileno()] = listener
+        next_report = 0.0
+        while not self.stop:
+            try:
+                ready = poller.poll(POLL_MS)
+            except InterruptedError:
+                ready = []
+            for fd, _ in ready:
+                self._receive(by_fd[fd])
+            if self.reload:
+                self._reload_sessions()
+            self._tick()
+            if time.monotonic() >= next_report:
+                self.report(self.snapshot())
+                next_report = time.monotonic() + REPORT_SECONDS
+        self._drain()
+        return 0
+
+    def _receive(self, listener: Listener) -> None:
+        receiver = self.receivers[listener.name]
+        # Several batches while the socket has data, but yield to the clock now and then.
+        for _ in range(8):
+            rows = receiver.receive(time.time_ns())
+            if rows == 0:
+                return
+            self._guard(self.pipeline.feed, receiver.buf[:rows], receiver.lengths[:rows],
+                        receiver.ts[:rows], listener.port)
+            self._warn_malformed(listener.name)
+            if rows < len(receiver.lengths):
+                return
+
+    def _warn_malformed(self, listener: str) -> None:
+        malformed = self.pipeline.counters.malformed
+        total = sum(malformed.values())
+        if total > self._malformed_seen:
+            self._warn.warning("malformed", "worker %d: %d malformed datagrams on %s so far (%s)",
+                               self.index, total, listener,
+                               ", ".join(f"{k} {v}" for k, v in sorted(malformed.items())))
+            self._malformed_seen = total
+
+    def _tick(self) -> None:
+        self._guard(self.pipeline.tick, time.time_ns())
+
+    def _guard(self, action, *args) -> None:
+        """Run a pipeline step; a write error (disk full, directory gone) is reported, the
+        rows stay pending for the next flush, and receiving goes on."""
+        try:
+            action(*args)
+            if self.pipeline.flow_writer.stats.last_error is None:
+                self.flush_error = None
+        except OSError as err:
+            if self.flush_error is None:
+                log.error("worker %d: writing to %s failed: %s", self.index, self.config.data, err)
+            self.flush_error = f"{type(err).__name__}: {err}"
+
+    def _drain(self) -> None:
+        """Receive what the sockets already hold, then export and write everything."""
+        deadline = time.monotonic() + self.config.shutdown_timeout / 2
+        for listener in self.listeners:
+            while time.monotonic() < deadline:
+                rows = self.receivers[listener.name].receive(time.time_ns())
+                if rows == 0:
+                    break
+                receiver = self.receivers[listener.name]
+                self._guard(self.pipeline.feed, receiver.buf[:rows], receiver.lengths[:rows],
+                            receiver.ts[:rows], listener.port)
+            listener.sock.close()
+        self._guard(self.pipeline.close, "shutdown")
+        snapshot = self.snapshot()
+        snapshot.stopping = True
+        self.report(snapshot)
+
+    def _reload_sessions(self) -> None:
+        self.reload = False
+        try:
+            registry = SessionRegistry.load(self.config.sessions)
+        except SessionsError as err:
+            self.reload_errors += 1
+            log.error("worker %d: sessions reload failed, keeping the old map: %s", self.index, err)
+            return
+        self.registry = self.pipeline.registry = registry
+        log.info("worker %d: %d sessions loaded", self.index, len(registry))
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stop = True
+
+    def _on_reload(self, signum, frame) -> None:
+        self.reload = True
+
+    def snapshot(self) -> Snapshot:
+        c, flows = self.pipeline.counters, self.pipeline.flows
+        stats = self.pipeline.flow_writer.stats
+        return Snapshot(
+            worker=self.index, pid=os.getpid(), loop_at=time.time(),
+            datagrams={n: r.datagrams for n, r in self.receivers.items()},
+            bytes={n: r.bytes for n, r in self.receivers.items()},
+            kernel_drops={n: r.kernel_drops for n, r in self.receivers.items()},
+            decoded=c.decoded, malformed=dict(c.malformed), truncated=c.truncated,
+            unknown_vni=c.unknown_vni, session_packets=dict(c.session_packets),
+            session_bytes=dict(c.session_bytes), flows_active=len(flows),
+            flows_exported=dict(flows.exported), files_written=stats.files,
+            rows_written=stats.rows, flush_seconds=stats.last_flush_seconds,
+            flush_error=self.flush_error or stats.last_error, reload_errors=self.reload_errors,
+            sessions_loaded=len(self.registry) if self.registry is not None else 0,
+        )
+
+
+def listener_ports() -> dict[str, int]:
+    return {"vxlan": VXLAN_PORT, "geneve": GENEVE_PORT}
