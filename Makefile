@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install bench clean
+.PHONY: run demo test install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,14 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-# The embedded default: the AWS seed session (VNI 7159709, PacketLength 25) as an appliance
-# captured it, decoded with its session map. `collector serve` takes this place when it lands.
+# The embedded default: the appliance on UDP 4789 (VXLAN) and 6081 (GENEVE), health and
+# metrics on http://0.0.0.0:8080, data in ./data, knowing the AWS seed session. Ctrl-C stops it
+# cleanly (every flow written).
 run: $(STAMP)
+	$(BIN)/collector serve --sessions fixtures/sessions/seed.json
+
+# The decoder on the embedded example capture (the seed session as an appliance captured it).
+demo: $(STAMP)
 	$(BIN)/collector decode fixtures/seed-session.pcap --sessions fixtures/sessions/seed.json
 
 test: $(STAMP)
