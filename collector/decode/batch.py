@@ -106,6 +106,19 @@ class PacketBatch:
         codes, counts = np.unique(self.reason[self.reason != 0], return_counts=True)
         return {REASONS[c].value: int(k) for c, k in zip(codes, counts)}
 
+    def addresses(self, side: str, rows: np.ndarray) -> list[bytes | None]:
+        """The `side` ("src" or "dst") addresses of `rows` as 4 or 16 bytes (None: cut)."""
+        present = getattr(self, side + "_ok")[rows].tolist()
+        high = getattr(self, side + "_hi")[rows].tolist()
+        low = getattr(self, side + "_lo")[rows].tolist()
+        version = self.ip_version[rows].tolist()
+        return [
+            None if not ok
+            else (lo & 0xFFFFFFFF).to_bytes(4, "big") if v == 4
+            else ((hi << 64) | lo).to_bytes(16, "big")
+            for ok, hi, lo, v in zip(present, high, low, version)
+        ]
+
     def packet(self, i: int) -> Packet | Malformed:
         """Row i as the reference decoder's `Packet` (the fields the batch carries)."""
         if self.reason[i]:

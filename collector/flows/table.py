@@ -329,21 +329,6 @@ def _batch_columns(batch: PacketBatch, rows: np.ndarray, ts: np.ndarray) -> list
         values = column[rows]
         return [None if v < 0 else v for v in values.tolist()]
 
-    def addresses(side: str) -> list:
-        ok = getattr(batch, side + "_ok")[rows].tolist()
-        hi = getattr(batch, side + "_hi")[rows].tolist()
-        lo = getattr(batch, side + "_lo")[rows].tolist()
-        version = batch.ip_version[rows].tolist()
-        out = []
-        for present, h, low, v in zip(ok, hi, lo, version):
-            if not present:
-                out.append(None)
-            elif v == 4:
-                out.append((low & 0xFFFFFFFF).to_bytes(4, "big"))
-            else:
-                out.append(((h << 64) | low).to_bytes(16, "big"))
-        return out
-
     version = optional(batch.ip_version)
     proto = optional(batch.ip_proto)
     sport, dport = optional(batch.src_port), optional(batch.dst_port)
@@ -357,8 +342,8 @@ def _batch_columns(batch: PacketBatch, rows: np.ndarray, ts: np.ndarray) -> list
     more = [None if v < 0 else bool(v) for v in batch.more_fragments[rows].tolist()]
     return [
         ts.tolist(), optional(batch.vni), vlan, inner, optional(batch.ethertype), version, proto,
-        addresses("src"),
-        addresses("dst"), sport, dport, optional(batch.wire_len),
+        batch.addresses("src", rows), batch.addresses("dst", rows), sport, dport,
+        optional(batch.wire_len),
         batch.captured_len[rows].tolist(), optional(batch.l3_offset),
         batch.truncated[rows].tolist(), optional(batch.tcp_flags),
         optional(batch.frag_offset), more, optional(batch.ip_id),

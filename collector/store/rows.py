@@ -63,19 +63,6 @@ def flows_batch(ended: Sequence[EndedFlow], registry: SessionRegistry | None,
     return pa.RecordBatch.from_pydict(columns, schema=FLOWS)
 
 
-def _addresses_text(batch: PacketBatch, side: str, rows: np.ndarray) -> list[str | None]:
-    ok = getattr(batch, side + "_ok")[rows].tolist()
-    hi = getattr(batch, side + "_hi")[rows].tolist()
-    lo = getattr(batch, side + "_lo")[rows].tolist()
-    version = batch.ip_version[rows].tolist()
-    return [
-        None if not present
-        else str(ipaddress.IPv4Address(low & 0xFFFFFFFF)) if v == 4
-        else str(ipaddress.IPv6Address((h << 64) | low))
-        for present, h, low, v in zip(ok, hi, lo, version)
-    ]
-
-
 def packets_batch(batch: PacketBatch, rows: np.ndarray, ts_ns: np.ndarray, frames: list[bytes],
                   registry: SessionRegistry | None, collector_id: str) -> pa.RecordBatch:
     """Rows of the packets table for the decoded `rows` of `batch`; `frames[i]` holds the
@@ -98,8 +85,8 @@ def packets_batch(batch: PacketBatch, rows: np.ndarray, ts_ns: np.ndarray, frame
             pa.array([collector_id] * len(rows), type=pa.string()),
             optional(batch.ip_version),
             optional(batch.ip_proto),
-            pa.array(_addresses_text(batch, "src", rows), type=pa.string()),
-            pa.array(_addresses_text(batch, "dst", rows), type=pa.string()),
+            pa.array([_text(a) for a in batch.addresses("src", rows)], type=pa.string()),
+            pa.array([_text(a) for a in batch.addresses("dst", rows)], type=pa.string()),
             optional(batch.src_port),
             optional(batch.dst_port),
             optional(batch.wire_len),
