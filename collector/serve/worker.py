@@ -139,16 +139,21 @@ class Worker:
         self._guard(self.pipeline.tick, time.time_ns())
 
     def _guard(self, action, *args) -> None:
-        """Run a pipeline step; a write error (disk full, directory gone) is reported, the
-        rows stay pending for the next flush, and receiving goes on."""
+        """Run a pipeline step. A write error (disk full, directory gone) leaves the rows
+        pending in the writer, which retries them at its next flush; it is logged when it
+        starts and ends, reported to health, and receiving goes on."""
         try:
             action(*args)
-            if self.pipeline.flow_writer.stats.last_error is None:
-                self.flush_error = None
-        except OSError as err:
-            if self.flush_error is None:
-                log.error("worker %d: writing to %s failed: %s", self.index, self.config.data, err)
-            self.flush_error = f"{type(err).__name__}: {err}"
+        except OSError:
+            pass  # the writer has kept the rows and recorded the error
+        writers = (self.pipeline.flow_writer, self.pipeline.packet_writer)
+        error = next((w.stats.last_error for w in writers if w and w.stats.last_error), None)
+        if error and not self.flush_error:
+            log.error("worker %d: writing to %s failed, rows kept for the next flush: %s",
+                      self.index, self.config.data, error)
+        elif self.flush_error and not error:
+            log.info("worker %d: writing to %s works again", self.index, self.config.data)
+        self.flush_error = error
 
     def _drain(self) -> None:
         """Receive what the sockets already hold, then export and write everything."""
@@ -197,7 +202,7 @@ class Worker:
             session_bytes=dict(c.session_bytes), flows_active=len(flows),
             flows_exported=dict(flows.exported), files_written=stats.files,
             rows_written=stats.rows, flush_seconds=stats.last_flush_seconds,
-            flush_error=self.flush_error or stats.last_error, reload_errors=self.reload_errors,
+            flush_error=self.flush_error, reload_errors=self.reload_errors,
             sessions_loaded=len(self.registry) if self.registry is not None else 0,
         )
 

@@ -76,21 +76,30 @@ class DatasetWriter:
         if self._oldest is None:
             self._oldest = time.monotonic() if now is None else now
         if self._pending_rows >= self.max_rows:
-            self.flush()
+            self._try_flush()
 
     def tick(self, now: float | None = None) -> None:
         """Flush when the oldest pending row has waited `flush_seconds` (monotonic seconds)."""
         now = time.monotonic() if now is None else now
         if self._oldest is not None and now - self._oldest >= self.flush_seconds:
+            self._try_flush()
+
+    def _try_flush(self) -> None:
+        """A flush that `write` or `tick` starts: a failure keeps the rows pending and is
+        reported in stats.last_error (the caller's health), not raised into the receive path."""
+        try:
             self.flush()
+        except OSError:
+            pass
 
     @property
     def pending_rows(self) -> int:
         return self._pending_rows
 
     def flush(self) -> list[Path]:
-        """Write every pending row now; returns the files written. On an error (disk full)
-        the rows stay pending and the error is raised (and kept in stats.last_error)."""
+        """Write every pending row now; returns the files written. On an error (disk full,
+        directory gone) the rows stay pending, the error is kept in stats.last_error and
+        raised; the next flush retries them all."""
         if not self._pending:
             return []
         started = time.monotonic()
