@@ -282,9 +282,14 @@ def query_command(sql, data_dir, output_format, output) -> None:
 @click.option("--min-free", metavar="BYTES", help="Unhealthy below this free space (K/M/G).  [default: 512M]")
 @click.option("--rcvbuf", metavar="BYTES", help="Socket receive buffer (K/M/G).  [default: 64M]")
 @click.option("--shutdown-timeout", metavar="S", help="Bound on a clean stop.  [default: 10]")
+@click.option("--batch", metavar="N", help="Datagrams received per batch.  [default: 1024]")
+@click.option("--health-stale", metavar="S",
+              help="Unhealthy when a worker's loop is older than this.  [default: 5]")
+@click.option("--check", is_flag=True,
+              help="Check the settings, sessions, data directory and ports, print them, exit.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="One line per event, as text or JSON.  [default: text]")
-def serve_command(config_file, **flags) -> None:
+def serve_command(config_file, check, **flags) -> None:
     """Run the appliance: receive mirrored traffic, meter flows, write Parquet.
 
     Point a Traffic Mirror target (an ENI, or an NLB with a UDP 4789 listener whose health
@@ -299,10 +304,167 @@ def serve_command(config_file, **flags) -> None:
       curl -s localhost:8080/healthz; curl -s localhost:8080/metrics
     """
     from collector.serve import ConfigError, StartupError, load, serve
+    from collector.serve.supervisor import Supervisor
 
     try:
         config = load(config_file, flags=flags)
+        if check:
+            Supervisor(config).check()
+            for name, value in vars(config).items():
+                click.echo(f"{name} = {value}")
+            click.echo("ok: settings, sessions, data directory and ports are usable")
+            return
         sys.exit(serve(config))
     except (ConfigError, StartupError) as err:
         click.echo(f"collector serve: {err}", err=True)
         sys.exit(2)
+
+
+@main.command("replay")
+@click.argument("captures", nargs=-1, required=True, metavar="CAPTURE...",
+                type=click.Path(exists=True, dir_okay=False))
+@click.option("--target", metavar="HOST:PORT",
+              help="Where to send: the appliance's VXLAN (4789) or GENEVE (6081) listener.")
+@click.option("--vni", type=click.IntRange(0, 2**24 - 1), metavar="N",
+              help="The session's VNI (VirtualNetworkId) to put in every VXLAN header.")
+@click.option("--sessions", "session_files", metavar="FILE", multiple=True,
+              help="AWS CLI JSON naming the sessions; with --session-id, the VNI and "
+                   "PacketLength come from it.")
+@click.option("--session-id", metavar="tms-...", help="The session of --sessions to replay as.")
+@click.option("--encap", type=click.Choice(["vxlan", "geneve"]), default="vxlan",
+              show_default=True,
+              help="VXLAN as sent to an ENI or NLB target, or GENEVE as a GWLB endpoint delivers it.")
+@click.option("--packet-length", type=int, metavar="N",
+              help="Mirror the first N bytes of each frame (1-8500), as PacketLength does.")
+@click.option("--multiplier", "-x", type=click.FloatRange(min=0, min_open=True), metavar="X",
+              help="The capture's own timing, X times faster.  [default: 1.0]")
+@click.option("--pps", "-p", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="N packets a second.")
+@click.option("--mbps", "-M", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="N megabits a second of datagrams on the wire.")
+@click.option("--topspeed", "-t", is_flag=True, help="As fast as possible.")
+@click.option("--loop", "-l", type=click.IntRange(min=0), default=1, show_default=True,
+              metavar="N", help="Send the input N times; 0 = until --limit or --duration.")
+@click.option("--limit", "-L", type=click.IntRange(min=1), metavar="N",
+              help="Stop after N packets.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Stop after S seconds.")
+@click.option("--as-captured", is_flag=True,
+              help="Re-send the capture's mirror datagrams (UDP 4789/4790/6081) unchanged: "
+                   "their VNIs, from their outer source ports.")
+@click.option("--filter", "filter_file", type=click.Path(exists=True, dir_okay=False),
+              metavar="FILTER.json",
+              help="Send only what this Traffic Mirror filter mirrors (describe-traffic-mirror-"
+                   "filters output).")
+@click.option("--filter-id", metavar="tmf-...",
+              help="The filter of FILTER.json to apply when it holds several.  "
+                   "[default: the session's, or the only one]")
+@click.option("--source-ip", multiple=True, metavar="IP",
+              help="With --filter: an address of the mirrored ENI (repeatable).")
+@click.option("--source-cidr", multiple=True, metavar="CIDR",
+              help="With --filter: a block of the mirrored ENI's addresses (repeatable).")
+@click.option("--amazon-dns", multiple=True, metavar="IP",
+              help="With --filter: the VPC resolver's address (VPC base + 2): its DNS traffic "
+                   "is mirrored only with the filter's amazon-dns network service.")
+@click.option("--dry-run", is_flag=True,
+              help="Send nothing: count what would be sent, per filter rule with --filter.")
+def replay_command(captures, target, vni, session_files, session_id, encap, packet_length,
+                   multiplier, pps, mbps, topspeed, loop, limit, duration, as_captured,
+                   filter_file, filter_id, source_ip, source_cidr, amazon_dns, dry_run) -> None:
+    """Replay captures to a mirroring target as AWS Traffic Mirroring sends them.
+
+    Each packet becomes the datagram AWS would send: the frame (an Ethernet header made up
+    for SLL, NULL and raw-IP captures) cut to the packet length, in VXLAN with the session's
+    VNI (or GWLB GENEVE), from an outer UDP source port that hashes its flow as AWS does (one
+    port for both directions of a TCP flow, one per direction for UDP). Pacing, loops and
+    limits are tcpreplay's (-x, -p, -M, -t, -l, -L); so is the summary. With --filter, only
+    what the filter would mirror from the ENI at --source-ip/--source-cidr is sent.
+
+    \b
+    Example:
+      collector replay capture.pcap --target 127.0.0.1:4789 --vni 7159709 --topspeed
+      collector replay capture.pcap --target 10.0.2.20:4789 \\
+          --sessions sessions.json --session-id tms-08a33b1214EXAMPLE
+      collector replay capture.pcap --dry-run --filter filters.json --source-ip 10.0.1.10 --vni 1
+    """
+    from collector.replay import ReplayError, ReplayOptions, replay
+    from collector.replay.filter import load_filter, parse_sources
+
+    if not dry_run and target is None:
+        raise click.UsageError("--target HOST:PORT is required (except with --dry-run)")
+    if session_id is not None:
+        if vni is not None:
+            raise click.UsageError("give --vni or --session-id, not both")
+        registry = _registry(session_files)
+        session = None if registry is None else registry.by_session_id(session_id)
+        if session is None:
+            raise click.UsageError(f"no session {session_id} in the --sessions files")
+        vni = session.vni
+        if packet_length is not None and packet_length != session.packet_length:
+            shown = "whole packets" if session.packet_length is None else session.packet_length
+            click.echo(f"note: --packet-length {packet_length} overrides the session's "
+                       f"PacketLength ({shown})", err=True)
+        elif packet_length is None:
+            packet_length = session.packet_length
+        if filter_id is None and filter_file is not None:
+            filter_id = session.filter_id
+    elif session_files:
+        raise click.UsageError("--sessions needs --session-id: which session to replay as")
+    if filter_file is None and (source_ip or source_cidr or amazon_dns or filter_id):
+        raise click.UsageError("--source-ip, --source-cidr, --amazon-dns and --filter-id "
+                               "need --filter")
+    mirror_filter, sources = None, ()
+    try:
+        if filter_file is not None:
+            if not (source_ip or source_cidr):
+                raise click.UsageError("--filter needs the mirrored ENI's address: "
+                                       "--source-ip IP or --source-cidr CIDR")
+            mirror_filter = load_filter(filter_file, filter_id)
+            sources = parse_sources(source_ip, source_cidr)
+        options = ReplayOptions(
+            vni=vni, packet_length=packet_length, encap=encap, as_captured=as_captured,
+            multiplier=multiplier, pps=pps, mbps=mbps, topspeed=topspeed, loop=loop, limit=limit,
+            duration=duration, mirror_filter=mirror_filter, sources=sources,
+            amazon_dns=amazon_dns, dry_run=dry_run)
+    except (ReplayError, SessionsError) as e:
+        raise click.ClickException(str(e)) from e
+    except ValueError as e:  # a bad --source-ip / --source-cidr
+        raise click.BadParameter(str(e)) from e
+    with _ReplayProgressBar(captures, options) as bar:
+        try:
+            summary = replay(captures, target, options, progress=bar)
+        except (ReplayError, CaptureError) as e:
+            raise click.ClickException(str(e)) from e
+    click.echo(summary.format())
+
+
+class _ReplayProgressBar:
+    """A progress bar on stderr when it is a terminal: over the capture bytes times the
+    loops, or over the limit or duration when the loops are endless."""
+
+    def __init__(self, captures, options) -> None:
+        self.options, self.done = options, 0
+        size = sum(os.path.getsize(path) for path in captures)
+        passes = 1 if options.dry_run else options.loop
+        if passes:
+            self.measure, length = "bytes", size * passes
+        elif options.limit is not None:
+            self.measure, length = "packets", options.limit
+        else:
+            self.measure, length = "seconds", int(options.duration)
+        self.bar = click.progressbar(length=max(length, 1), label="replaying", file=sys.stderr,
+                                     hidden=not sys.stderr.isatty())
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, progress) -> None:
+        value = {"bytes": progress.bytes_read, "packets": progress.attempted,
+                 "seconds": int(progress.elapsed)}[self.measure]
+        if value > self.done:
+            self.bar.update(value - self.done)
+            self.done = value

@@ -27,6 +27,7 @@ addresses, protocol and IP ID / IPv6 fragment identification) when that was seen
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -54,8 +55,9 @@ class FlowConfig:
 
     def __post_init__(self) -> None:
         for name in ("idle_timeout", "active_timeout", "close_linger", "fragment_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
         for name in ("max_flows", "max_fragments"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

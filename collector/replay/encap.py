@@ -40,6 +40,7 @@ Nothing here opens a socket or reads a clock.
 from __future__ import annotations
 
 import ipaddress
+import struct
 import zlib
 from enum import Enum
 from typing import NamedTuple
@@ -75,8 +76,8 @@ _MIN_ETHERTYPE = 0x0600  # below: an 802.3 length or an SLL protocol that is no 
 
 # IPv6 extension headers walked to reach the upper layer: generic format (length in 8-octet
 # units - 1), fragment (8 bytes), AH (length in 4-octet units - 2)
-_IPV6_GENERIC = frozenset((0, 43, 60, 135, 139, 140))
 _IPV6_FRAGMENT, _IPV6_AH = 44, 51
+_IPV6_EXTENSIONS = frozenset((0, 43, 60, 135, 139, 140, _IPV6_FRAGMENT, _IPV6_AH))
 
 
 class Skip(str, Enum):
@@ -165,7 +166,7 @@ def flow_of(frame) -> Flow | None:
     while True:
         if at + 2 > end:
             return None
-        ethertype = (frame[at] << 8) | frame[at + 1]
+        (ethertype,) = _U16(frame, at)
         if ethertype not in VLAN_TPIDS:
             break
         at += 4  # tag: TPID, TCI; the next ethertype follows
@@ -177,30 +178,32 @@ def flow_of(frame) -> Flow | None:
     return Flow(ethertype, None, bytes(frame[6:12]), bytes(frame[0:6]))
 
 
+_U16 = struct.Struct("!H").unpack_from
+_IPV4 = struct.Struct("!B5xHxB2x4s4s").unpack_from  # version/IHL, flags/offset, proto, addrs
+_IPV6 = struct.Struct("!6xBx16s16s").unpack_from  # next header, addresses
+_PORTS = struct.Struct("!HH").unpack_from
+
+
 def _ipv4_flow(frame, l3: int, end: int) -> Flow:
     if end - l3 < 20:
-        proto = frame[l3 + 9] if end - l3 >= 10 else None
-        return Flow(ETH_IPV4, proto)
-    header_len = (frame[l3] & 0x0F) * 4
-    proto = frame[l3 + 9]
-    src, dst = bytes(frame[l3 + 12 : l3 + 16]), bytes(frame[l3 + 16 : l3 + 20])
-    first_fragment = not ((frame[l3 + 6] << 8 | frame[l3 + 7]) & 0x1FFF)
-    if header_len < 20 or not first_fragment:
+        return Flow(ETH_IPV4, frame[l3 + 9] if end - l3 >= 10 else None)
+    version_ihl, fragment, proto, src, dst = _IPV4(frame, l3)
+    header_len = (version_ihl & 0x0F) * 4
+    if header_len < 20 or fragment & 0x1FFF:  # impossible IHL, or a non-first fragment
         return Flow(ETH_IPV4, proto, src, dst)
     return _l4_flow(ETH_IPV4, proto, src, dst, frame, l3 + header_len, end)
 
 
 def _ipv6_flow(frame, l3: int, end: int) -> Flow:
     if end - l3 < 40:
-        proto = frame[l3 + 6] if end - l3 >= 7 else None
-        return Flow(ETH_IPV6, proto)
-    src, dst = bytes(frame[l3 + 8 : l3 + 24]), bytes(frame[l3 + 24 : l3 + 40])
-    proto, at = frame[l3 + 6], l3 + 40
-    while proto in _IPV6_GENERIC or proto == _IPV6_FRAGMENT or proto == _IPV6_AH:
+        return Flow(ETH_IPV6, frame[l3 + 6] if end - l3 >= 7 else None)
+    proto, src, dst = _IPV6(frame, l3)
+    at = l3 + 40
+    while proto in _IPV6_EXTENSIONS:
         if at + 8 > end:
             return Flow(ETH_IPV6, None, src, dst)  # the upper layer is past the capture
         if proto == _IPV6_FRAGMENT:
-            if (frame[at + 2] << 8 | frame[at + 3]) & 0xFFF8:
+            if _U16(frame, at + 2)[0] & 0xFFF8:
                 return Flow(ETH_IPV6, frame[at], src, dst)  # a non-first fragment: no ports
             proto, at = frame[at], at + 8
         elif proto == _IPV6_AH:
@@ -212,12 +215,10 @@ def _ipv6_flow(frame, l3: int, end: int) -> Flow:
 
 def _l4_flow(ethertype: int, proto: int, src: bytes, dst: bytes, frame, at: int,
              end: int) -> Flow:
-    if proto in (TCP, UDP) and at + 4 <= end:
-        sport = (frame[at] << 8) | frame[at + 1]
-        dport = (frame[at + 2] << 8) | frame[at + 3]
-        return Flow(ethertype, proto, src, dst, sport, dport)
-    if proto in (ICMP, ICMPV6) and at + 2 <= end:
-        return Flow(ethertype, proto, src, dst, icmp=(frame[at] << 8) | frame[at + 1])
+    if (proto == TCP or proto == UDP) and at + 4 <= end:
+        return Flow(ethertype, proto, src, dst, *_PORTS(frame, at))
+    if (proto == ICMP or proto == ICMPV6) and at + 2 <= end:
+        return Flow(ethertype, proto, src, dst, icmp=_U16(frame, at)[0])
     return Flow(ethertype, proto, src, dst)
 
 

@@ -6,6 +6,7 @@ appliance at start with one line that names the setting and where it came from.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tomllib
@@ -116,8 +117,8 @@ def _optional_address(value):
 def _positive(kind):
     def convert(value):
         number = kind(value)
-        if not number > 0:
-            raise ValueError(f"{value!r} must be > 0")
+        if not (number > 0 and math.isfinite(number)):
+            raise ValueError(f"{value!r} must be a finite number > 0")
         return number
     return convert
 

@@ -74,7 +74,10 @@ class _Metrics:
         self.source = source  # () -> (snapshots, extra dict)
 
     def collect(self):
-        snapshots, extra = self.source()
+        live, extra = self.source()
+        # Counters add the last reports of replaced workers, so they never go backwards;
+        # gauges are the live workers' only.
+        snapshots = live + extra.get("retired", [])
 
         def labelled(name, doc, key, label, kind=CounterMetricFamily):
             family = kind(name, doc, labels=[label])
@@ -92,22 +95,21 @@ class _Metrics:
         yield labelled("collector_datagrams_received", "UDP datagrams received", "datagrams", "listener")
         yield labelled("collector_bytes_received", "UDP payload bytes received", "bytes", "listener")
         yield total("collector_datagrams_decoded", "datagrams decoded into a packet", "decoded")
-        malformed = labelled("collector_datagrams_malformed", "datagrams rejected, by reason",
-                             "malformed", "reason")
-        yield malformed
+        yield labelled("collector_datagrams_malformed", "datagrams rejected, by reason",
+                       "malformed", "reason")
         yield total("collector_unknown_vni", "decoded datagrams whose VNI no session has", "unknown_vni")
         yield total("collector_truncated_copies", "copies holding less than the packet", "truncated")
         yield from self._sessions(snapshots, extra.get("sessions", {}))
-        yield total("collector_flows_active", "flows being metered", "flows_active", GaugeMetricFamily)
+        yield GaugeMetricFamily("collector_flows_active", "flows being metered",
+                                value=sum(s.flows_active for s in live))
         yield labelled("collector_flows_exported", "flows written, by end reason", "flows_exported", "end_reason")
-        evicted = CounterMetricFamily("collector_flows_evicted", "flows ended early at --max-flows",
-                                      value=sum(s.flows_exported.get("evicted", 0) for s in snapshots))
-        yield evicted
+        yield CounterMetricFamily("collector_flows_evicted", "flows ended early at --max-flows",
+                                  value=sum(s.flows_exported.get("evicted", 0) for s in snapshots))
         yield total("collector_files_written", "Parquet files written", "files_written")
         yield total("collector_rows_written", "flow rows written", "rows_written")
         flush = GaugeMetricFamily("collector_flush_duration_seconds", "duration of each worker's last flush",
                                   labels=["worker"])
-        for s in snapshots:
+        for s in live:
             flush.add_metric([str(s.worker)], s.flush_seconds)
         yield flush
         yield labelled("collector_kernel_drops", "datagrams the kernel dropped on our sockets (SO_RXQ_OVFL)",
@@ -117,9 +119,11 @@ class _Metrics:
         for port, drops in sorted(extra.get("proc_drops", {}).items()):
             proc.add_metric([str(port)], drops)
         yield proc
-        yield GaugeMetricFamily("collector_workers_up", "workers reporting", value=len(snapshots))
-        yield total("collector_session_reload_errors", "sessions reloads refused (old map kept)",
-                    "reload_errors")
+        yield GaugeMetricFamily("collector_workers_up", "workers running and reporting",
+                                value=extra.get("workers_up", len(live)))
+        yield CounterMetricFamily("collector_session_reload_errors",
+                                  "sessions reloads refused (old map kept)",
+                                  value=extra.get("reload_errors", 0))
         yield GaugeMetricFamily("collector_healthy", "1 when /healthz answers 200",
                                 value=1 if extra.get("healthy") else 0)
 

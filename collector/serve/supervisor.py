@@ -54,7 +54,10 @@ def _worker_main(index: int, config: ServeConfig, conn) -> None:
         except (BrokenPipeError, OSError):
             os._exit(0)  # the supervisor is gone: nobody to serve health; systemd restarts us
 
-    raise SystemExit(Worker(index, config, listeners, registry, report).run())
+    def inbox() -> SessionRegistry | None:
+        return conn.recv() if conn.poll() else None
+
+    raise SystemExit(Worker(index, config, listeners, registry, report, inbox).run())
 
 
 class Supervisor:
@@ -62,6 +65,7 @@ class Supervisor:
         self.config = config
         self.registry: SessionRegistry | None = None
         self.snapshots: dict[int, Snapshot] = {}
+        self.retired: list[Snapshot] = []  # last reports of workers that were replaced
         self.processes: dict[int, multiprocessing.Process] = {}
         self.pipes: dict[int, multiprocessing.connection.Connection] = {}
         self.started_at: dict[int, float] = {}
@@ -160,7 +164,7 @@ class Supervisor:
         return self._shutdown()
 
     def _spawn(self, index: int) -> None:
-        parent, child = _CONTEXT.Pipe(duplex=False)
+        parent, child = _CONTEXT.Pipe(duplex=True)
         process = _CONTEXT.Process(target=_worker_main, args=(index, self.config, child),
                                    name=f"collector-worker-{index}", daemon=False)
         process.start()
@@ -175,6 +179,11 @@ class Supervisor:
                 snapshot = conn.recv()
             except (EOFError, OSError):
                 continue
+            previous = self.snapshots.get(snapshot.worker)
+            if previous is not None and previous.pid != snapshot.pid:
+                # A restarted worker counts from zero: keep its predecessor's counts so that
+                # the totals (Prometheus counters) never go backwards.
+                self.retired.append(previous)
             self.snapshots[snapshot.worker] = snapshot
 
     def _restart_dead(self) -> None:
@@ -228,9 +237,11 @@ class Supervisor:
             return
         self.registry = registry
         self._store_sessions()
-        for process in self.processes.values():
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGHUP)
+        for index, pipe in self.pipes.items():
+            try:
+                pipe.send(registry)  # one map, loaded once, for every worker
+            except OSError as err:
+                log.error("SIGHUP: could not send the sessions to worker %d: %s", index, err)
         log.info("SIGHUP: %d sessions loaded", len(registry))
 
     def _store_sessions(self) -> None:
@@ -293,8 +304,13 @@ class Supervisor:
     def metrics_source(self):
         snapshots = list(self.snapshots.values())
         names = {s.vni: s.session_id for s in self.registry} if self.registry else {}
+        alive = sum(1 for i, s in self.snapshots.items()
+                    if self.processes.get(i) is not None and self.processes[i].is_alive()
+                    and self.processes[i].pid == s.pid
+                    and time.time() - s.loop_at <= self.config.health_stale)
         extra = {"sessions": names, "proc_drops": self._proc_drops(),
-                 "healthy": self.health()[0]}
+                 "healthy": self.health()[0], "retired": list(self.retired),
+                 "workers_up": alive, "reload_errors": self.reload_errors}
         return snapshots, extra
 
     def _proc_drops(self) -> dict[int, int]:

@@ -3,8 +3,9 @@
 The loop polls its sockets, receives a batch, feeds the same pipeline `ingest` uses, and ticks
 the clock (flow expiry, file rotation). Every second it sends its counters to the supervisor,
 which serves /metrics and /healthz from them. SIGTERM/SIGINT: stop receiving, drain what the
-sockets already hold, export every flow (`shutdown`), write everything, exit 0. SIGHUP:
-reload the sessions files (a bad file keeps the old map).
+sockets already hold, export every flow (`shutdown`), write everything, exit 0. A new sessions
+map comes from the supervisor (which loaded and checked it on SIGHUP) through `inbox`, so that
+every worker uses the same map.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collector.pipeline import Pipeline
 from collector.serve.config import ServeConfig
 from collector.serve.logs import RateLimited
 from collector.serve.receiver import Receiver
-from collector.sessions import SessionRegistry, SessionsError
+from collector.sessions import SessionRegistry
 
 log = logging.getLogger("collector.serve")
 POLL_MS = 200  # the loop runs at least this often without traffic: expiry, flushes, heartbeat
@@ -59,17 +60,17 @@ class Snapshot:
     rows_written: int = 0
     flush_seconds: float = 0.0
     flush_error: str | None = None
-    reload_errors: int = 0
     sessions_loaded: int = 0
     stopping: bool = False
 
 
 class Worker:
     def __init__(self, index: int, config: ServeConfig, listeners: list[Listener],
-                 registry: SessionRegistry | None, report) -> None:
+                 registry: SessionRegistry | None, report, inbox=lambda: None) -> None:
         self.index, self.config, self.listeners = index, config, listeners
         self.registry = registry
         self.report = report  # callable(Snapshot)
+        self.inbox = inbox  # callable() -> a new SessionRegistry, or None
         self.pipeline = Pipeline(
             config.data, collector_id=config.collector_id, writer_id=f"w{index}",
             registry=None, flow_config=FlowConfig(
@@ -81,8 +82,6 @@ class Worker:
         self.receivers = {l.name: Receiver(l.sock, config.batch, config.slot_bytes)
                           for l in listeners}
         self.stop = False
-        self.reload = False
-        self.reload_errors = 0
         self.flush_error: str | None = None
         self._warn = RateLimited(log)
         self._malformed_seen = 0
@@ -90,7 +89,7 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor reloads, then tells us
         poller = select.poll()
         by_fd = {}
         for listener in self.listeners:
@@ -104,8 +103,9 @@ class Worker:
                 ready = []
             for fd, _ in ready:
                 self._receive(by_fd[fd])
-            if self.reload:
-                self._reload_sessions()
+            registry = self.inbox()
+            if registry is not None:
+                self.registry = self.pipeline.registry = registry
             self._tick()
             if time.monotonic() >= next_report:
                 self.report(self.snapshot())
@@ -172,22 +172,8 @@ class Worker:
         snapshot.stopping = True
         self.report(snapshot)
 
-    def _reload_sessions(self) -> None:
-        self.reload = False
-        try:
-            registry = SessionRegistry.load(self.config.sessions)
-        except SessionsError as err:
-            self.reload_errors += 1
-            log.error("worker %d: sessions reload failed, keeping the old map: %s", self.index, err)
-            return
-        self.registry = self.pipeline.registry = registry
-        log.info("worker %d: %d sessions loaded", self.index, len(registry))
-
     def _on_stop(self, signum, frame) -> None:
         self.stop = True
-
-    def _on_reload(self, signum, frame) -> None:
-        self.reload = True
 
     def snapshot(self) -> Snapshot:
         c, flows = self.pipeline.counters, self.pipeline.flows
@@ -202,7 +188,7 @@ class Worker:
             session_bytes=dict(c.session_bytes), flows_active=len(flows),
             flows_exported=dict(flows.exported), files_written=stats.files,
             rows_written=stats.rows, flush_seconds=stats.last_flush_seconds,
-            flush_error=self.flush_error, reload_errors=self.reload_errors,
+            flush_error=self.flush_error,
             sessions_loaded=len(self.registry) if self.registry is not None else 0,
         )
 

@@ -1,0 +1,334 @@
+"""Replay captures to a mirroring target as AWS VPC Traffic Mirroring would send them.
+
+    summary = replay(["capture.pcap"], "127.0.0.1:4789", ReplayOptions(vni=7159709))
+    print(summary.format())
+
+Each record of the captures becomes the datagram AWS would send for it (`encap`: Ethernet
+inner frame, PacketLength truncation, VXLAN or GWLB GENEVE, the outer source port AWS's flow
+hash would pick), optionally only when a Traffic Mirror filter would mirror it (`filter`), at
+the capture's pace or a tcpreplay-style rate (`timing`), through UDP sockets bound to those
+source ports (`sender`). `ReplaySummary.format()` prints what tcpreplay users know.
+
+The modules are sans-I/O except `sender`; this one reads the captures and drives the clock.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from collector.capture import read_capture
+from collector.replay.encap import ENCAPS, Encapsulator, Skip, check_packet_length
+from collector.replay.filter import FilterEvaluator
+from collector.replay.sender import DEFAULT_POOL_SIZE, Sender, SendStats, Target, resolve_target
+from collector.replay.timing import Bounds, Pace, Schedule, wire_bytes
+from collector.sessions import MirrorFilter
+
+__all__ = ["ReplayError", "ReplayOptions", "ReplayProgress", "ReplaySummary", "replay"]
+
+PROGRESS_EVERY = 1024  # datagrams between progress reports
+
+
+class ReplayError(ValueError):
+    """Options that cannot be replayed (the message says which and why)."""
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """Everything `replay` needs besides the captures and the target.
+
+    Session: `vni` (required unless `as_captured`), `packet_length` (None = whole packets),
+    `encap` ("vxlan", or "geneve" as a GWLB endpoint target receives it), `as_captured` (re-send
+    mirror datagrams found in the capture unchanged). Pace, one of: `multiplier` (default: the
+    capture's timing, x1), `pps`, `mbps`, `topspeed`. Bounds: `loop` (0 = forever, needs
+    `limit` or `duration`), `limit` (datagrams), `duration` (seconds). Filter: `mirror_filter`
+    with the mirrored ENI's `sources` (networks or addresses) and `amazon_dns` addresses; with
+    `dry_run` nothing is sent and the filter's counts are the result. `pool_size`: sockets
+    bound to source ports (0 = one socket).
+    """
+
+    vni: int | None = None
+    packet_length: int | None = None
+    encap: str = "vxlan"
+    as_captured: bool = False
+    multiplier: float | None = None
+    pps: float | None = None
+    mbps: float | None = None
+    topspeed: bool = False
+    loop: int = 1
+    limit: int | None = None
+    duration: float | None = None
+    mirror_filter: MirrorFilter | None = None
+    sources: tuple = ()
+    amazon_dns: tuple[str, ...] = ()
+    dry_run: bool = False
+    pool_size: int = DEFAULT_POOL_SIZE
+    gwlb_src: str = "10.0.1.10"  # the VXLAN packet inside GENEVE: from the source ENI ...
+    gwlb_dst: str = "10.0.2.20"  # ... to the GWLB endpoint
+
+    def __post_init__(self) -> None:
+        try:
+            self.pace(), self.bounds()
+            check_packet_length(self.packet_length)
+        except ValueError as e:
+            raise ReplayError(str(e)) from None
+        if self.vni is not None and (type(self.vni) is not int or not 0 <= self.vni < 1 << 24):
+            raise ReplayError(f"VNI {self.vni!r} outside 0-16777215")
+        if self.vni is None and not self.as_captured:
+            raise ReplayError("a VNI is needed to encapsulate the packets (the session's "
+                              "VirtualNetworkId), unless re-sending mirror datagrams as captured")
+        if self.encap not in ENCAPS:
+            raise ReplayError(f"encapsulation {self.encap!r}: expected one of {', '.join(ENCAPS)}")
+        if self.mirror_filter is not None and not self.sources:
+            raise ReplayError("a filter needs the mirrored ENI's address: a source IP or CIDR")
+        if self.mirror_filter is None and self.sources:
+            raise ReplayError("source addresses only matter with a filter")
+        if self.pool_size < 0:
+            raise ReplayError(f"pool size {self.pool_size} is negative")
+
+    def pace(self) -> Pace:
+        return Pace(self.multiplier, self.pps, self.mbps, self.topspeed)
+
+    def bounds(self) -> Bounds:
+        return Bounds(self.loop, self.limit, self.duration)
+
+
+class ReplayProgress(NamedTuple):
+    """Where a replay is, for a progress bar."""
+
+    attempted: int  # datagrams sent or failed so far
+    bytes_read: int  # capture bytes read so far, over all passes
+    elapsed: float  # seconds since the start
+
+
+@dataclass
+class ReplaySummary:
+    """What a replay did. `format()` gives tcpreplay's summary lines, then notes."""
+
+    target: str
+    packets: int = 0  # datagrams sent
+    bytes: int = 0  # their wire bytes (Ethernet + IP + UDP + payload)
+    seconds: float = 0.0
+    flows: int = 0  # distinct (VNI, conversation) pairs among the datagrams attempted
+    failed: int = 0
+    truncated: int = 0  # datagrams whose frame was cut to the packet length
+    retried: int = 0
+    records: int = 0  # capture records read, over all passes
+    passes: int = 0
+    skipped: Counter = field(default_factory=Counter)  # records that gave no datagram, by why
+    filtered: int = 0  # datagrams the filter did not mirror
+    cut_by_capture: int = 0  # datagrams of records the capture's snaplen had cut
+    other_port: Counter = field(default_factory=Counter)  # as captured for another UDP port
+    stats: SendStats | None = None
+    filter_table: str | None = None
+    dry_run: bool = False
+    stopped: str | None = None  # why the replay ended before its input did
+
+    @property
+    def attempted(self) -> int:
+        return self.packets + self.failed
+
+    def format(self) -> str:
+        if self.dry_run:
+            lines = [] if self.filter_table is None else [self.filter_table]
+            lines.append(f"Dry run: {self.records} records, {self.packets} datagrams would be "
+                         f"sent ({self.flows} flows); nothing was sent")
+            return "\n".join(lines + self.notes())
+        seconds = self.seconds
+        rate = (lambda value: value / seconds) if seconds > 0 else (lambda value: 0.0)
+        lines = [
+            f"Actual: {self.packets} packets ({self.bytes} bytes) sent in {seconds:.2f} seconds",
+            f"Rated: {rate(self.bytes):.1f} Bps, {rate(self.bytes) * 8 / 1e6:.2f} Mbps, "
+            f"{rate(self.packets):.2f} pps",
+            f"Flows: {self.flows} flows",
+            f"Statistics for network device: {self.target}",
+            f"\t{'Successful packets:':<27}{self.packets}",
+            f"\t{'Failed packets:':<27}{self.failed}",
+            f"\t{'Truncated packets:':<27}{self.truncated}",
+            f"\t{'Retried packets (ENOBUFS):':<27}{self.retried}",
+        ]
+        return "\n".join(lines + self.notes())
+
+    def notes(self) -> list[str]:
+        """Lines that explain anything a reader of the counters could not guess."""
+        notes = []
+        stats = self.stats
+        if stats is not None and stats.errors:
+            errors = ", ".join(f"{name} {count}" for name, count in sorted(stats.errors.items()))
+            notes.append(f"Failed by error: {errors}")
+        if stats is not None and stats.refused:
+            notes.append(f"The target refused datagrams: {stats.refused} ICMP port unreachable "
+                         f"reports (is anything listening on {self.target}?)")
+        if stats is not None and stats.unbindable:
+            notes.append(f"{len(stats.unbindable)} source ports could not be bound: their "
+                         f"{stats.shared} datagrams went from one shared socket with another "
+                         "source port")
+        elif stats is not None and stats.shared:
+            notes.append(f"{stats.shared} datagrams went from one shared socket, not from "
+                         "their flow's source port")
+        if stats is not None and stats.evicted:
+            notes.append(f"{stats.evicted} source-port sockets were closed to stay within the "
+                         "socket pool")
+        for why, count in sorted(self.skipped.items()):
+            notes.append(f"Skipped {count} records: {why}")
+        if self.filtered and not self.dry_run:
+            notes.append(f"{self.filtered} packets not sent: the filter does not mirror them")
+        if self.cut_by_capture:
+            notes.append(f"{self.cut_by_capture} packets were cut by the capture's snaplen: "
+                         "sent as far as captured")
+        for port, count in sorted(self.other_port.items()):
+            notes.append(f"{count} datagrams captured to UDP {port} were sent to {self.target}")
+        if self.stopped:
+            notes.append(f"Stopped: {self.stopped}")
+        return notes
+
+
+def replay(paths: Sequence[str | os.PathLike], target: str | Target | None,
+           options: ReplayOptions, *, progress: Callable[[ReplayProgress], None] | None = None,
+           clock: Callable[[], float] = time.monotonic,
+           sleep: Callable[[float], None] = time.sleep) -> ReplaySummary:
+    """Replay the captures at `paths` to `target` ("HOST:PORT"; None for a dry run).
+
+    Raises `ReplayError` for an unusable target, `CaptureError` (file and offset) for a capture
+    that cannot be read: what was sent before it is sent. `progress` is called every
+    `PROGRESS_EVERY` datagrams and at the end of each file.
+    """
+    if options.dry_run:
+        return _dry_run(paths, target, options, progress)
+    if target is None:
+        raise ReplayError("a target HOST:PORT is needed, except for a dry run")
+    if not isinstance(target, Target):
+        try:
+            target = resolve_target(target)
+        except ValueError as e:
+            raise ReplayError(str(e)) from None
+    run = _Run(paths, str(target), options, progress, clock)
+    with Sender(target, pool_size=options.pool_size, sleep=sleep) as sender:
+        run.summary.stats = sender.stats
+        try:
+            run.send_all(sender, target.port, target.family == socket.AF_INET6, sleep)
+        finally:
+            run.summary.seconds = clock() - run.start
+    run.finish(sender.stats)
+    return run.summary
+
+
+class _Run:
+    """One replay's state: the encapsulator, filter, schedule, counters."""
+
+    def __init__(self, paths, target: str, options: ReplayOptions, progress, clock) -> None:
+        self.paths, self.options, self.progress, self.clock = list(paths), options, progress, clock
+        self.encapsulator = Encapsulator(
+            vni=options.vni, packet_length=options.packet_length, encap=options.encap,
+            as_captured=options.as_captured, gwlb_src=options.gwlb_src, gwlb_dst=options.gwlb_dst)
+        self.evaluator = None
+        if options.mirror_filter is not None:
+            try:
+                self.evaluator = FilterEvaluator(options.mirror_filter, options.sources,
+                                                 options.amazon_dns)
+            except ValueError as e:
+                raise ReplayError(str(e)) from None
+        self.summary = ReplaySummary(target, dry_run=options.dry_run)
+        self.flows: set = set()
+        self.bytes_read = 0
+        self.start = clock()
+
+    def datagrams(self, pass_files: Callable[[], None] | None = None) -> Iterable:
+        """(record, Mirrored) for every record of one pass that gives a datagram the filter
+        (if any) mirrors; `pass_files` is called at the start of each file."""
+        summary, encapsulator, evaluator = self.summary, self.encapsulator, self.evaluator
+        for path in self.paths:
+            if pass_files is not None:
+                pass_files()
+            last_offset = 0
+            for record in read_capture(path):
+                summary.records += 1
+                self.bytes_read += record.offset - last_offset
+                last_offset = record.offset
+                mirrored = encapsulator.mirror(record)
+                if isinstance(mirrored, Skip):
+                    summary.skipped[mirrored.value] += 1
+                    continue
+                if evaluator is not None and not evaluator.tally(mirrored.flow).mirrored:
+                    summary.filtered += 1
+                    continue
+                yield record, mirrored
+            self.bytes_read += os.path.getsize(path) - last_offset
+            self.report()
+
+    def count(self, mirrored) -> None:
+        summary = self.summary
+        self.flows.add(mirrored.flow_key())
+        summary.truncated += mirrored.truncated
+        summary.cut_by_capture += mirrored.cut_by_capture
+
+    def send_all(self, sender: Sender, port: int, ipv6: bool, sleep) -> None:
+        """Every pass over the input, paced by the schedule, until the input or a bound ends."""
+        options, summary, clock = self.options, self.summary, self.clock
+        bounds, schedule = options.bounds(), Schedule(options.pace())
+        start, attempted = self.start, 0
+        for _ in bounds.passes():
+            summary.passes += 1
+            before = attempted
+            for record, mirrored in self.datagrams(schedule.new_input):
+                size = wire_bytes(len(mirrored.payload), ipv6)
+                due = schedule.due(record.timestamp_ns, size)
+                if bounds.beyond(due):  # it would go after the end: stop now, not then
+                    summary.stopped = self._why_stopped(bounds, attempted)
+                    return
+                wait = start + due - clock() if due > 0 else 0.0
+                if wait > 0:
+                    sleep(wait)
+                if sender.send(mirrored.payload, mirrored.source_port):
+                    summary.packets += 1
+                    summary.bytes += size
+                attempted += 1
+                self.count(mirrored)
+                if options.as_captured and mirrored.port != port:
+                    summary.other_port[mirrored.port] += 1
+                if attempted % PROGRESS_EVERY == 0:
+                    self.report()
+                if bounds.reached(attempted, clock() - start):
+                    summary.stopped = self._why_stopped(bounds, attempted)
+                    return
+            if attempted == before:  # every further pass would send nothing either
+                if options.loop != 1:
+                    summary.stopped = "a pass over the input had nothing to send"
+                return
+
+    @staticmethod
+    def _why_stopped(bounds: Bounds, attempted: int) -> str:
+        if bounds.limit is not None and attempted >= bounds.limit:
+            return f"the limit of {bounds.limit} packets was reached"
+        return f"the duration of {bounds.duration:g} s was over"
+
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress(ReplayProgress(self.summary.attempted, self.bytes_read,
+                                         self.clock() - self.start))
+
+    def finish(self, stats: SendStats | None) -> None:
+        summary = self.summary
+        summary.flows = len(self.flows)
+        if stats is not None:
+            summary.failed, summary.retried = stats.failed, stats.retried
+        if self.evaluator is not None:
+            summary.filter_table = self.evaluator.table()
+
+
+def _dry_run(paths, target, options: ReplayOptions, progress) -> ReplaySummary:
+    """One pass over the input: what would be sent and what the filter decides; no socket,
+    no pacing, no loop or limit."""
+    run = _Run(paths, "-" if target is None else str(target), options, progress, time.monotonic)
+    run.summary.passes = 1
+    for _, mirrored in run.datagrams():
+        run.count(mirrored)
+        run.summary.packets += 1  # would be sent
+    run.summary.seconds = time.monotonic() - run.start
+    run.finish(None)
+    return run.summary

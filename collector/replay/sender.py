@@ -1,0 +1,224 @@
+"""UDP sockets to the replay target: the only part of `collector.replay` that does I/O.
+
+AWS sends each inner flow's copies from its own outer UDP source port (`encap`), and a
+receiver may depend on it: the kernel spreads datagrams over SO_REUSEPORT workers, and an NLB
+over appliances, by the outer source port. To reproduce it, `Sender` keeps a pool of sockets,
+each bound to one source port, created when a port is first needed. The pool is bounded
+(`pool_size`, 4096 by default; the soft RLIMIT_NOFILE is raised toward the hard limit to make
+room); when it is full the least recently used socket is closed. A port that cannot be bound
+(another socket holds it, or it is privileged) is remembered, and its datagrams go from one
+shared socket with an ephemeral port; `SendStats` counts both, so the summary can say so.
+
+Every datagram is either sent or counted failed:
+
+- ``ENOBUFS`` / ``EAGAIN`` (the kernel is short of buffers): retried after 50 µs, doubling, at
+  most 8 times (about 13 ms); then failed.
+- Sockets are **connected** to the target, so the kernel reports what the target's host
+  answers: when nothing listens on the target port it answers ICMP port unreachable, and the
+  *next* send on that socket fails with ``ECONNREFUSED``. That datagram was not sent and is
+  counted failed; the refused datagram before it had left (it counts as sent) and is counted
+  in `refused`, as is an error still pending on a socket when it is closed. So a target
+  with nothing listening shows up as failures and refusals, never as silence. (Unconnected
+  sockets would report nothing at all: every datagram would count as sent.)
+- Any other error (unreachable network or host, a datagram too large, a firewall's EPERM):
+  failed, counted by its errno name.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+try:
+    import resource
+except ImportError:  # not on Unix: keep the process's limit as it is
+    resource = None
+
+__all__ = ["DEFAULT_POOL_SIZE", "SendStats", "Sender", "Target", "resolve_target"]
+
+DEFAULT_POOL_SIZE = 4096
+SPARE_FILES = 128  # descriptors left for everything else when the pool is sized
+RETRIES = 8
+FIRST_BACKOFF = 50e-6  # seconds; doubled on each retry
+_RETRIED = frozenset((errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK))
+
+
+class Target(NamedTuple):
+    """Where the datagrams go: `host` as given, and the address it resolved to."""
+
+    host: str
+    port: int
+    family: int
+    address: tuple
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[IPv6]:PORT` -> (host, port); ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"target {text!r}: write an IPv6 address in brackets, [::1]:4789")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"target {text!r}: expected HOST:PORT, the port 1-65535")
+    return host, int(port)
+
+
+def resolve_target(text: str) -> Target:
+    """Parse and resolve `HOST:PORT` (the first address the resolver gives)."""
+    host, port = parse_target(text)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise ValueError(f"target {text!r}: cannot resolve {host}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    return Target(host, port, family, address)
+
+
+@dataclass
+class SendStats:
+    """What happened to the datagrams handed to `Sender.send`."""
+
+    sent: int = 0  # accepted by the kernel
+    failed: int = 0  # not sent, whatever the reason (see `errors`)
+    retried: int = 0  # datagrams that needed at least one retry (ENOBUFS / EAGAIN)
+    refused: int = 0  # ICMP port unreachable reports from the target (ECONNREFUSED)
+    errors: Counter = field(default_factory=Counter)  # failures by errno name
+    ports_bound: int = 0  # source-port sockets opened (again after an eviction)
+    unbindable: set = field(default_factory=set)  # source ports that could not be bound
+    shared: int = 0  # datagrams sent or tried from the shared socket instead of their port
+    evicted: int = 0  # pool sockets closed to make room
+
+
+class Sender:
+    """Sends datagrams to `target`, each from the source port it asks for.
+
+    `pool_size` bounds the sockets bound to source ports (0: send everything from one socket
+    with an ephemeral port). `sleep` is the backoff's sleep (a test passes its own).
+    """
+
+    def __init__(self, target: Target, *, pool_size: int = DEFAULT_POOL_SIZE,
+                 retries: int = RETRIES, backoff: float = FIRST_BACKOFF,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.target = target
+        self.stats = SendStats()
+        self.pool_size = min(pool_size, _room_for(pool_size)) if pool_size else 0
+        self._pool: OrderedDict[int, socket.socket] = OrderedDict()
+        self._shared: socket.socket | None = None
+        self._retries, self._backoff, self._sleep = retries, backoff, sleep
+        self._any = "::" if target.family == socket.AF_INET6 else "0.0.0.0"
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def send(self, payload: bytes, source_port: int) -> bool:
+        """Send one datagram from `source_port` (or the shared socket); True when the kernel
+        took it, False when it is counted failed."""
+        sock = self._socket(source_port)
+        stats = self.stats
+        delay = self._backoff
+        for attempt in range(self._retries + 1):
+            try:
+                sock.send(payload)
+            except OSError as e:
+                code = e.errno
+                if code in _RETRIED and attempt < self._retries:
+                    if attempt == 0:
+                        stats.retried += 1
+                    self._sleep(delay)
+                    delay *= 2
+                    continue
+                if code == errno.ECONNREFUSED:
+                    stats.refused += 1
+                stats.failed += 1
+                stats.errors[errno.errorcode.get(code, str(code))] += 1
+                return False
+            stats.sent += 1
+            return True
+        raise AssertionError("unreachable: the last attempt returns")
+
+    def _socket(self, port: int) -> socket.socket:
+        pool = self._pool
+        sock = pool.get(port)
+        if sock is not None:
+            pool.move_to_end(port)
+            return sock
+        if self.pool_size and port not in self.stats.unbindable:
+            sock = self._bind(port)
+            if sock is not None:
+                if len(pool) >= self.pool_size:
+                    _, oldest = pool.popitem(last=False)
+                    self._close(oldest)
+                    self.stats.evicted += 1
+                pool[port] = sock
+                self.stats.ports_bound += 1
+                return sock
+        self.stats.shared += 1
+        if self._shared is None:
+            self._shared = self._open(None)
+        return self._shared
+
+    def _bind(self, port: int) -> socket.socket | None:
+        try:
+            return self._open(port)
+        except OSError:
+            self.stats.unbindable.add(port)  # in use, or not ours to bind: once is enough
+            return None
+
+    def _open(self, port: int | None) -> socket.socket:
+        sock = socket.socket(self.target.family, socket.SOCK_DGRAM)
+        try:
+            if port is not None:
+                sock.bind((self._any, port))
+            sock.connect(self.target.address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _close(self, sock: socket.socket) -> None:
+        """Close a socket, counting a refusal the target reported after its last send."""
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED:
+                self.stats.refused += 1
+        except OSError:
+            pass
+        sock.close()
+
+    def close(self) -> None:
+        """Close every socket. Refusals still pending on them are counted first."""
+        while self._pool:
+            self._close(self._pool.popitem()[1])
+        if self._shared is not None:
+            self._close(self._shared)
+            self._shared = None
+
+
+def _room_for(pool_size: int) -> int:
+    """How many pool sockets the open-files limit allows, after raising the soft limit
+    toward the hard one if `pool_size` needs it."""
+    if resource is None:
+        return pool_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = pool_size + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return pool_size
+    return max(1, soft - SPARE_FILES)
