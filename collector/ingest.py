@@ -27,6 +27,7 @@ from collector.decode.outer import link_layer, outer_datagram
 from collector.pipeline import Pipeline
 
 BATCH_ROWS = 4096
+TICK_NS = 1_000_000_000  # expire flows once per second of capture time
 HEADER_SLOT = 192  # bytes of each datagram the decoder needs (GENEVE + GWLB options + headers)
 _VXLAN_NO_VNI = b"\x08\x00\x00\x00\x00\x00\x00\x00"
 _ETHERNET_PAD = b"\x00" * 12  # synthesised MAC addresses
@@ -78,6 +79,7 @@ def ingest(paths: Iterable[str | os.PathLike], pipeline: Pipeline, *, vni: int |
     slots = {port: _Slots(port, width) for port in (VXLAN_PORT, VXLAN_GPE_PORT, GENEVE_PORT)}
     vxlan_header = _VXLAN_NO_VNI if vni is None else b"\x08\0\0\0" + vni.to_bytes(3, "big") + b"\0"
     clock = 0
+    next_tick = None  # the capture time at which flows are next expired
     try:
         for path in paths:
             result.files += 1
@@ -85,10 +87,17 @@ def ingest(paths: Iterable[str | os.PathLike], pipeline: Pipeline, *, vni: int |
             for record in read_capture(path):
                 result.records += 1
                 clock = max(clock, record.timestamp_ns)
+                if next_tick is None:
+                    next_tick = clock + TICK_NS
+                elif clock >= next_tick:
+                    # Expire on the capture's clock, as the live worker does on the wall
+                    # clock; the packets before this one are metered first.
+                    _feed_all(pipeline, slots)
+                    pipeline.tick(clock)
+                    next_tick = clock + TICK_NS
                 full = _route(record, slots, vxlan_header, vni is None, result)
                 if full is not None:
                     _feed(pipeline, full)
-                    pipeline.tick(clock)
                 if progress is not None and record.offset - last_offset >= 1 << 20:
                     progress(record.offset - last_offset)
                     last_offset = record.offset
@@ -98,9 +107,7 @@ def ingest(paths: Iterable[str | os.PathLike], pipeline: Pipeline, *, vni: int |
                 progress(size - last_offset)
     finally:
         # Whatever was read before an error is metered and written: nothing accepted is lost.
-        for batch in slots.values():
-            if batch.rows:
-                _feed(pipeline, batch)
+        _feed_all(pipeline, slots)
         pipeline.close(reason="shutdown")
         result.paths = list(pipeline.flow_writer.stats.paths)
     return result
@@ -132,6 +139,12 @@ def _route(record: Record, slots: dict[int, _Slots], vxlan_header: bytes, no_vni
     batch = slots[VXLAN_PORT]
     full = batch.add(vxlan_header + frame, 8 + len(frame), record.timestamp_ns, no_vni)
     return batch if full else None
+
+
+def _feed_all(pipeline: Pipeline, slots: dict[int, _Slots]) -> None:
+    for batch in slots.values():
+        if batch.rows:
+            _feed(pipeline, batch)
 
 
 def _feed(pipeline: Pipeline, slots: _Slots) -> None:

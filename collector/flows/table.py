@@ -220,8 +220,11 @@ class FlowTable:
             key, from_a = (vni, vlan, inner_vlan, ethertype, version, proto, dst, dport, src, sport), False
         flow = self._flows.get(key)
         if flow is not None:
-            if ts - flow.first_ns >= self._active_ns and flow.end_reason is None:
-                ended.append(self._end(key, flow, "active"))
+            # The flow may have ended before this packet, whatever the clock ticks said: the
+            # same packets give the same rows live (ticked every poll) and offline.
+            reason = self._ended_by(flow, ts)
+            if reason is not None:
+                ended.append(self._end(key, flow, reason))
                 flow = None
             else:
                 self._flows.move_to_end(key)
@@ -251,6 +254,17 @@ class FlowTable:
             side.flags |= flags
             self._tcp_state(flow, from_a, flags, ts)
         return ended
+
+    def _ended_by(self, flow: Flow, ts: int) -> str | None:
+        """Why `flow` had ended by `ts` (a packet's time), or None if it goes on."""
+        quiet = ts - flow.last_ns
+        if flow.end_reason is not None:
+            return flow.end_reason if quiet >= self._linger_ns else None
+        if quiet >= self._idle_ns:
+            return "idle"
+        if ts - flow.first_ns >= self._active_ns:
+            return "active"
+        return None
 
     def _tcp_state(self, flow: Flow, from_a: bool, flags: int, ts: int) -> None:
         if flags & TCP_SYN and not flags & TCP_ACK and flow.syn_from is None:

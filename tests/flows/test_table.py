@@ -183,3 +183,13 @@ def test_packets_and_bytes_are_conserved_whatever_the_timeouts(events, idle, act
     assert sum(f.packets + f.rev_packets for f in ended) == sent_packets == table.packets
     assert sum(f.bytes + f.rev_bytes for f in ended) == sent_bytes
     assert len(table) == 0 and sum(table.exported.values()) == len(ended)
+
+
+def test_a_flow_ends_when_its_next_packet_comes_after_the_timeout_without_any_tick():
+    table = FlowTable(FlowConfig(idle_timeout=10, close_linger=2))
+    ended = run(table, [tcp(*HANDSHAKE[0]), tcp(*HANDSHAKE[0])], step=11 * S)
+    assert [f.end_reason for f in ended] == ["idle"]
+    closed = [tcp(A, B, 40000, 443, build.FIN), tcp(B, A, 443, 40000, build.FIN),
+              tcp(*HANDSHAKE[0])]  # the ports reused 3 s after the close: a new connection
+    ended = run(FlowTable(FlowConfig(close_linger=2)), closed, step=3 * S // 2)
+    assert [(f.end_reason, f.packets + f.rev_packets) for f in ended] == [("fin", 2)]
