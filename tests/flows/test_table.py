@@ -191,5 +191,5 @@ def test_a_flow_ends_when_its_next_packet_comes_after_the_timeout_without_any_ti
     assert [f.end_reason for f in ended] == ["idle"]
     closed = [tcp(A, B, 40000, 443, build.FIN), tcp(B, A, 443, 40000, build.FIN),
               tcp(*HANDSHAKE[0])]  # the ports reused 3 s after the close: a new connection
-    ended = run(FlowTable(FlowConfig(close_linger=2)), closed, step=3 * S // 2)
+    ended = run(FlowTable(FlowConfig(close_linger=2)), closed, step=3 * S)
     assert [(f.end_reason, f.packets + f.rev_packets) for f in ended] == [("fin", 2)]
