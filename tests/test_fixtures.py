@@ -18,7 +18,7 @@ def test_generator_reproduces_the_committed_files(tmp_path):
     write_all = runpy.run_path(str(FIXTURES / "make_fixtures.py"))["write_all"]
     written = write_all(tmp_path)
     assert sorted(p.name for p in written) == [
-        "full-session.pcap", "gwlb-session.pcap", "seed-session.pcap"]
+        "full-session.pcap", "gwlb-session.pcap", "plain-mixed.pcap", "seed-session.pcap"]
     for path in written:
         assert path.read_bytes() == (FIXTURES / path.name).read_bytes(), path.name
 

@@ -184,6 +184,7 @@ EXPECTED_ADJUSTMENTS: dict[str, dict[str, int]] = {
     "frag/ndpi_dns_fragmented.pcap": {FRAGMENT_JOIN: 7},
     # a TCP segment in 3 IPv6 fragments (VLAN-tagged)
     "frag/suricata_frag-eth-vlan-ipv6-tcp.pcap": {FRAGMENT_JOIN: 2},
+    "fixtures/plain-mixed.pcap": {FRAGMENT_JOIN: 2},  # one later IPv4 and one IPv6 fragment
     # 6 MPLS -> IPv4 ICMP, 10 MPLS pseudowire -> Ethernet -> VLAN -> IPv4 ICMP; 1 IS-IS (LLC)
     "mixed/tcpreplay_test.pcap": {MPLS_OPAQUE: 16, LLC_LENGTH_AS_ETHERTYPE: 1},
     "mixed/zeek_wikipedia.pcap": {LLC_LENGTH_AS_ETHERTYPE: 4},  # STP BPDUs
