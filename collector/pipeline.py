@@ -85,6 +85,14 @@ class Pipeline:
         if self.packet_writer is not None:
             self.packet_writer.tick(wall)
 
+    def flush(self, reason: str = "flush") -> None:
+        """Export every active flow now (`end_reason` = `reason`) and write every file: for
+        tests and tools that need the data on disk while the appliance runs on."""
+        self._emit(self.flows.drain(reason))
+        self.flow_writer.flush()
+        if self.packet_writer is not None:
+            self.packet_writer.flush()
+
     def close(self, reason: str = "shutdown") -> None:
         """Export every flow and write everything pending: nothing accepted is lost."""
         self._emit(self.flows.drain(reason))

@@ -40,7 +40,8 @@ from collector.flows.community_id import ICMP4_COUNTERPART, ICMP6_COUNTERPART
 ICMP, ICMPV6, TCP = 1, 58, 6
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 NS = 1_000_000_000
-END_REASONS = ("idle", "active", "fin", "rst", "evicted", "shutdown")
+# "flush": ended on request (`collector serve --control`, POST /flush), for tests and tools
+END_REASONS = ("idle", "active", "fin", "rst", "evicted", "shutdown", "flush")
 
 
 

@@ -52,6 +52,7 @@ class ServeConfig:
     shutdown_timeout: float = 10.0
     health_stale: float = 5.0  # a worker loop older than this is unhealthy
     log_format: str = "text"
+    control: bool = False  # POST /flush on the health port: for tests and tools, not production
 
     @property
     def slot_bytes(self) -> int:
@@ -165,6 +166,7 @@ _CONVERT = {
     "shutdown_timeout": _positive(float),
     "health_stale": _positive(float),
     "log_format": _choice("text", "json"),
+    "control": _bool,
 }
 ENV_PREFIX = "COLLECTOR_"
 KEYS = tuple(f.name for f in fields(ServeConfig))

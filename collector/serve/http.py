@@ -17,11 +17,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 class HealthServer:
     """Serves `health()` -> (ok, body dict) and `snapshots()` -> list of worker Snapshots."""
 
-    def __init__(self, address, health, metrics_source) -> None:
+    def __init__(self, address, health, metrics_source, flush=None) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Metrics(metrics_source))
         handler = type("Handler", (_Handler,), {"health": staticmethod(health),
-                                                "registry": registry})
+                                                "registry": registry,
+                                                "flush": staticmethod(flush) if flush else None})
         ThreadingHTTPServer.address_family = address.family
         self.server = ThreadingHTTPServer((address.host, address.port), handler)
         self.server.daemon_threads = True
@@ -43,6 +44,7 @@ class HealthServer:
 class _Handler(BaseHTTPRequestHandler):
     health = None
     registry = None
+    flush = None  # POST /flush, only with --control
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
@@ -55,6 +57,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
         else:
             self._send(404, "text/plain", b"not found: try /healthz or /metrics\n")
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        if self.path.split("?")[0] != "/flush":
+            self._send(404, "text/plain", b"not found\n")
+        elif self.flush is None:
+            self._send(403, "text/plain", b"POST /flush needs collector serve --control\n")
+        else:
+            ok, body = self.flush()
+            self._send(200 if ok else 504, "application/json", (json.dumps(body) + "\n").encode())
 
     def _send(self, status: int, content_type: str, body: bytes) -> None:
         self.send_response(status)

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 import uuid
 
@@ -74,6 +75,8 @@ class Supervisor:
         self.reload_errors = 0
         self._writable: tuple[float, str | None] = (0.0, None)
         self.http: HealthServer | None = None
+        self._pipe_lock = threading.Lock()  # the HTTP thread (flush) and the main loop send
+        self._flush_seq = 0
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -141,7 +144,8 @@ class Supervisor:
     def run(self) -> int:
         self.check()
         try:
-            self.http = HealthServer(self.config.health, self.health, self.metrics_source)
+            self.http = HealthServer(self.config.health, self.health, self.metrics_source,
+                                     self.flush if self.config.control else None)
         except OSError as err:
             raise StartupError(f"--health TCP {self.config.health}: {err.strerror or err}") from None
         self._store_sessions()
@@ -237,12 +241,31 @@ class Supervisor:
             return
         self.registry = registry
         self._store_sessions()
-        for index, pipe in self.pipes.items():
-            try:
-                pipe.send(registry)  # one map, loaded once, for every worker
-            except OSError as err:
-                log.error("SIGHUP: could not send the sessions to worker %d: %s", index, err)
+        self._send_all(registry)  # one map, loaded once, for every worker
         log.info("SIGHUP: %d sessions loaded", len(registry))
+
+    def _send_all(self, message) -> None:
+        with self._pipe_lock:
+            for index, pipe in self.pipes.items():
+                try:
+                    pipe.send(message)
+                except OSError as err:
+                    log.error("could not reach worker %d: %s", index, err)
+
+    def flush(self, timeout: float = 10.0) -> tuple[bool, dict]:
+        """Every worker exports its active flows (end_reason 'flush') and writes its files;
+        returns when all have (True) or at `timeout` (False). Runs in the HTTP thread."""
+        with self._pipe_lock:
+            self._flush_seq += 1
+            seq = self._flush_seq
+        self._send_all(("flush", seq))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = [s for s in self.snapshots.values() if s.flushed >= seq]
+            if len(done) >= self.config.workers:
+                return True, {"flushed": seq, "workers": len(done)}
+            time.sleep(0.02)
+        return False, {"flushed": seq, "error": f"not every worker flushed within {timeout} s"}
 
     def _store_sessions(self) -> None:
         if not self.registry:

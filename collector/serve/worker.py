@@ -62,6 +62,7 @@ class Snapshot:
     flush_error: str | None = None
     sessions_loaded: int = 0
     stopping: bool = False
+    flushed: int = 0  # the last flush request (POST /flush) this worker completed
 
 
 class Worker:
@@ -70,7 +71,7 @@ class Worker:
         self.index, self.config, self.listeners = index, config, listeners
         self.registry = registry
         self.report = report  # callable(Snapshot)
-        self.inbox = inbox  # callable() -> a new SessionRegistry, or None
+        self.inbox = inbox  # callable() -> a new SessionRegistry, ("flush", n), or None
         self.pipeline = Pipeline(
             config.data, collector_id=config.collector_id, writer_id=f"w{index}",
             registry=None, flow_config=FlowConfig(
@@ -82,6 +83,7 @@ class Worker:
         self.receivers = {l.name: Receiver(l.sock, config.batch, config.slot_bytes)
                           for l in listeners}
         self.stop = False
+        self.flushed = 0
         self.flush_error: str | None = None
         self._warn = RateLimited(log)
         self._malformed_seen = 0
@@ -103,9 +105,13 @@ class Worker:
                 ready = []
             for fd, _ in ready:
                 self._receive(by_fd[fd])
-            registry = self.inbox()
-            if registry is not None:
-                self.registry = self.pipeline.registry = registry
+            message = self.inbox()
+            if isinstance(message, SessionRegistry):
+                self.registry = self.pipeline.registry = message
+            elif isinstance(message, tuple) and message[0] == "flush":
+                self._guard(self.pipeline.flush)
+                self.flushed = message[1]
+                next_report = 0.0  # tell the supervisor now
             self._tick()
             if time.monotonic() >= next_report:
                 self.report(self.snapshot())
@@ -188,7 +194,7 @@ class Worker:
             session_bytes=dict(c.session_bytes), flows_active=len(flows),
             flows_exported=dict(flows.exported), files_written=stats.files,
             rows_written=stats.rows, flush_seconds=stats.last_flush_seconds,
-            flush_error=self.flush_error,
+            flush_error=self.flush_error, flushed=self.flushed,
             sessions_loaded=len(self.registry) if self.registry is not None else 0,
         )
 
