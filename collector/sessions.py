@@ -555,6 +555,10 @@ class SessionRegistry:
         object.__setattr__(self, "_by_vni", MappingProxyType(ordered))
         object.__setattr__(self, "_by_id", MappingProxyType({k: v[0] for k, v in by_id.items()}))
 
+    def __reduce__(self):
+        # MappingProxyType does not pickle; the supervisor sends registries to its workers
+        return (SessionRegistry, (self.sessions,))
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("SessionRegistry is immutable")
 

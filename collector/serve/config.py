@@ -115,6 +115,13 @@ def _optional_address(value):
     return parse_address(value)
 
 
+def _integer(value) -> int:
+    """An integer, or the text of one: a TOML float or boolean is refused, not truncated."""
+    if isinstance(value, (bool, float)):
+        raise ValueError(f"{value!r} is not an integer")
+    return int(value)
+
+
 def _positive(kind):
     def convert(value):
         number = kind(value)
@@ -133,7 +140,7 @@ def _choice(*options):
 
 
 def _packet_bytes(value) -> int:
-    number = int(value)
+    number = _integer(value)
     if not 0 <= number <= 9000:
         raise ValueError(f"{value!r} must be 0-9000")
     return number
@@ -152,17 +159,17 @@ _CONVERT = {
     "health": parse_address,
     "data": Path,
     "sessions": _paths,
-    "workers": _positive(int),
+    "workers": _positive(_integer),
     "flush_seconds": _positive(float),
     "idle_timeout": _positive(float),
     "active_timeout": _positive(float),
-    "max_flows": _positive(int),
+    "max_flows": _positive(_integer),
     "packets": _bool,
     "packet_bytes": _packet_bytes,
     "collector_id": _collector_id,
     "min_free": _size,
     "rcvbuf": _positive(_size),
-    "batch": _positive(int),
+    "batch": _positive(_integer),
     "shutdown_timeout": _positive(float),
     "health_stale": _positive(float),
     "log_format": _choice("text", "json"),
@@ -193,6 +200,8 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {err.start}") from None
     # Settings may sit at the top level or under [serve].
     settings = dict(document.get("serve", {})) if isinstance(document.get("serve"), dict) else {}
     settings.update({k: v for k, v in document.items() if k != "serve"})

@@ -40,14 +40,14 @@ class StartupError(RuntimeError):
     """The appliance cannot start; the message is one line for the operator."""
 
 
-def _worker_main(index: int, config: ServeConfig, conn) -> None:
+def _worker_main(index: int, config: ServeConfig, conn, registry: SessionRegistry | None) -> None:
     """Entry point of a worker process."""
     logs.setup(config.log_format)
     listeners = [Listener("vxlan", VXLAN_PORT, open_listener(config.listen, config.rcvbuf)[0])]
     if config.geneve_listen is not None:
         listeners.append(Listener("geneve", GENEVE_PORT,
                                   open_listener(config.geneve_listen, config.rcvbuf)[0]))
-    registry = SessionRegistry.load(config.sessions) if config.sessions else None
+    # The supervisor's map is the one in force: not the files, which may have changed since.
 
     def report(snapshot: Snapshot) -> None:
         try:
@@ -160,16 +160,21 @@ class Supervisor:
                  self.config.listen, self.config.geneve_listen or "off", self.config.health,
                  self.config.workers, self.config.data,
                  len(self.registry) if self.registry else 0)
-        while not self.stopping:
-            self._read_reports(timeout=0.5)
-            if self.reload_requested:
-                self._reload()
-            self._restart_dead()
-        return self._shutdown()
+        try:
+            while not self.stopping:
+                self._read_reports(timeout=0.5)
+                if self.reload_requested:
+                    self._reload()
+                self._restart_dead()
+        finally:
+            # Whatever went wrong here, the workers are stopped and write what they hold.
+            code = self._shutdown()
+        return code
 
     def _spawn(self, index: int) -> None:
         parent, child = _CONTEXT.Pipe(duplex=True)
-        process = _CONTEXT.Process(target=_worker_main, args=(index, self.config, child),
+        process = _CONTEXT.Process(target=_worker_main,
+                                   args=(index, self.config, child, self.registry),
                                    name=f"collector-worker-{index}", daemon=False)
         process.start()
         child.close()
@@ -214,6 +219,9 @@ class Supervisor:
                 process.kill()
                 code = 1
             process.join(1)
+            if process.exitcode not in (0, None, -signal.SIGKILL):
+                log.error("worker %d exited with %s", index, process.exitcode)
+                code = 1
         self._read_reports(timeout=0)
         if self.http is not None:
             self.http.stop()

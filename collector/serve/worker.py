@@ -117,6 +117,10 @@ class Worker:
                 self.report(self.snapshot())
                 next_report = time.monotonic() + REPORT_SECONDS
         self._drain()
+        if self.flush_error:
+            log.error("worker %d: stopped with rows not written to %s: %s", self.index,
+                      self.config.data, self.flush_error)
+            return 1
         return 0
 
     def _receive(self, listener: Listener) -> None:
