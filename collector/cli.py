@@ -285,6 +285,8 @@ def query_command(sql, data_dir, output_format, output) -> None:
 @click.option("--batch", metavar="N", help="Datagrams received per batch.  [default: 1024]")
 @click.option("--health-stale", metavar="S",
               help="Unhealthy when a worker's loop is older than this.  [default: 5]")
+@click.option("--control/--no-control", default=None,
+              help="Accept POST /flush on the health port (tests and tools; not for production).")
 @click.option("--check", is_flag=True,
               help="Check the settings, sessions, data directory and ports, print them, exit.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
@@ -434,7 +436,8 @@ def replay_command(captures, target, vni, session_files, session_id, encap, pack
         try:
             summary = replay(captures, target, options, progress=bar)
         except (ReplayError, CaptureError) as e:
-            raise click.ClickException(str(e)) from e
+            notes = getattr(e, "__notes__", [])
+            raise click.ClickException(" ".join([str(e), *(f"({n})" for n in notes)])) from e
     click.echo(summary.format())
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from collector.capture import read_capture
+from collector.capture import CaptureError, read_capture
 from collector.replay.encap import ENCAPS, Encapsulator, Skip, check_packet_length
 from collector.replay.filter import FilterEvaluator
 from collector.replay.sender import DEFAULT_POOL_SIZE, Sender, SendStats, Target, resolve_target
@@ -140,11 +140,11 @@ class ReplaySummary:
                          f"sent ({self.flows} flows); nothing was sent")
             return "\n".join(lines + self.notes())
         seconds = self.seconds
-        rate = (lambda value: value / seconds) if seconds > 0 else (lambda value: 0.0)
+        bps = self.bytes / seconds if seconds > 0 else 0.0
+        pps = self.packets / seconds if seconds > 0 else 0.0
         lines = [
             f"Actual: {self.packets} packets ({self.bytes} bytes) sent in {seconds:.2f} seconds",
-            f"Rated: {rate(self.bytes):.1f} Bps, {rate(self.bytes) * 8 / 1e6:.2f} Mbps, "
-            f"{rate(self.packets):.2f} pps",
+            f"Rated: {bps:.1f} Bps, {bps * 8 / 1e6:.2f} Mbps, {pps:.2f} pps",
             f"Flows: {self.flows} flows",
             f"Statistics for network device: {self.target}",
             f"\t{'Successful packets:':<27}{self.packets}",
@@ -195,8 +195,9 @@ def replay(paths: Sequence[str | os.PathLike], target: str | Target | None,
     """Replay the captures at `paths` to `target` ("HOST:PORT"; None for a dry run).
 
     Raises `ReplayError` for an unusable target, `CaptureError` (file and offset) for a capture
-    that cannot be read: what was sent before it is sent. `progress` is called every
-    `PROGRESS_EVERY` datagrams and at the end of each file.
+    that cannot be read: what came before the fault was sent, and a note on the error says
+    how much. Ctrl-C (KeyboardInterrupt) stops the replay and returns its summary. `progress`
+    is called every `PROGRESS_EVERY` datagrams and at the end of each file.
     """
     if options.dry_run:
         return _dry_run(paths, target, options, progress)
@@ -212,6 +213,13 @@ def replay(paths: Sequence[str | os.PathLike], target: str | Target | None,
         run.summary.stats = sender.stats
         try:
             run.send_all(sender, target.port, target.family == socket.AF_INET6, sleep)
+        except KeyboardInterrupt:  # Ctrl-C ends a replay as tcpreplay's does: with a summary
+            run.summary.stopped = "interrupted"
+        except CaptureError as e:
+            run.finish(sender.stats)
+            e.add_note(f"{run.summary.packets} packets were sent before it, "
+                       f"{run.summary.failed} failed")
+            raise
         finally:
             run.summary.seconds = clock() - run.start
     run.finish(sender.stats)
@@ -241,24 +249,27 @@ class _Run:
     def datagrams(self, pass_files: Callable[[], None] | None = None) -> Iterable:
         """(record, Mirrored) for every record of one pass that gives a datagram the filter
         (if any) mirrors; `pass_files` is called at the start of each file."""
-        summary, encapsulator, evaluator = self.summary, self.encapsulator, self.evaluator
+        summary, mirror, evaluator = self.summary, self.encapsulator.mirror, self.evaluator
         for path in self.paths:
             if pass_files is not None:
                 pass_files()
-            last_offset = 0
-            for record in read_capture(path):
-                summary.records += 1
-                self.bytes_read += record.offset - last_offset
-                last_offset = record.offset
-                mirrored = encapsulator.mirror(record)
-                if isinstance(mirrored, Skip):
-                    summary.skipped[mirrored.value] += 1
-                    continue
-                if evaluator is not None and not evaluator.tally(mirrored.flow).mirrored:
-                    summary.filtered += 1
-                    continue
-                yield record, mirrored
-            self.bytes_read += os.path.getsize(path) - last_offset
+            offset = records = 0
+            try:
+                for record in read_capture(path):
+                    records += 1
+                    offset = record.offset
+                    mirrored = mirror(record)
+                    if mirrored.__class__ is Skip:
+                        summary.skipped[mirrored.value] += 1
+                        continue
+                    if evaluator is not None and not evaluator.tally(mirrored.flow).mirrored:
+                        summary.filtered += 1
+                        continue
+                    yield record, mirrored
+                offset = os.path.getsize(path)
+            finally:
+                summary.records += records
+                self.bytes_read += offset
             self.report()
 
     def count(self, mirrored) -> None:
@@ -268,38 +279,58 @@ class _Run:
         summary.cut_by_capture += mirrored.cut_by_capture
 
     def send_all(self, sender: Sender, port: int, ipv6: bool, sleep) -> None:
-        """Every pass over the input, paced by the schedule, until the input or a bound ends."""
+        """Every pass over the input, paced by the schedule, until the input or a bound ends.
+        The per-datagram path keeps its counters in locals (it runs a million times a
+        minute); they are written to the summary at every progress report and at the end."""
         options, summary, clock = self.options, self.summary, self.clock
         bounds, schedule = options.bounds(), Schedule(options.pace())
-        start, attempted = self.start, 0
-        for _ in bounds.passes():
-            summary.passes += 1
-            before = attempted
-            for record, mirrored in self.datagrams(schedule.new_input):
-                size = wire_bytes(len(mirrored.payload), ipv6)
-                due = schedule.due(record.timestamp_ns, size)
-                if bounds.beyond(due):  # it would go after the end: stop now, not then
-                    summary.stopped = self._why_stopped(bounds, attempted)
+        paced, timed = not options.topspeed, bounds.duration is not None
+        headers = wire_bytes(0, ipv6)
+        send, remember = sender.send, self.flows.add
+        start = self.start
+        sent = sent_bytes = truncated = cut = 0
+        attempted = 0
+
+        def flush() -> None:
+            summary.packets, summary.bytes = sent, sent_bytes
+            summary.truncated, summary.cut_by_capture = truncated, cut
+
+        try:
+            for _ in bounds.passes():
+                summary.passes += 1
+                before = attempted
+                for record, mirrored in self.datagrams(schedule.new_input):
+                    payload = mirrored.payload
+                    size = headers + len(payload)
+                    if paced:
+                        due = schedule.due(record.timestamp_ns, size)
+                        if bounds.beyond(due):  # it would go after the end: stop now
+                            summary.stopped = self._why_stopped(bounds, attempted)
+                            return
+                        wait = start + due - clock()
+                        if wait > 0:
+                            sleep(wait)
+                    if send(payload, mirrored.source_port):
+                        sent += 1
+                        sent_bytes += size
+                    attempted += 1
+                    remember((mirrored.vni, mirrored.conversation))
+                    truncated += mirrored.truncated
+                    cut += mirrored.cut_by_capture
+                    if options.as_captured and mirrored.port != port:
+                        summary.other_port[mirrored.port] += 1
+                    if attempted % PROGRESS_EVERY == 0:
+                        flush()
+                        self.report()
+                    if bounds.reached(attempted, clock() - start if timed else 0.0):
+                        summary.stopped = self._why_stopped(bounds, attempted)
+                        return
+                if attempted == before:  # every further pass would send nothing either
+                    if options.loop != 1:
+                        summary.stopped = "a pass over the input had nothing to send"
                     return
-                wait = start + due - clock() if due > 0 else 0.0
-                if wait > 0:
-                    sleep(wait)
-                if sender.send(mirrored.payload, mirrored.source_port):
-                    summary.packets += 1
-                    summary.bytes += size
-                attempted += 1
-                self.count(mirrored)
-                if options.as_captured and mirrored.port != port:
-                    summary.other_port[mirrored.port] += 1
-                if attempted % PROGRESS_EVERY == 0:
-                    self.report()
-                if bounds.reached(attempted, clock() - start):
-                    summary.stopped = self._why_stopped(bounds, attempted)
-                    return
-            if attempted == before:  # every further pass would send nothing either
-                if options.loop != 1:
-                    summary.stopped = "a pass over the input had nothing to send"
-                return
+        finally:
+            flush()
 
     @staticmethod
     def _why_stopped(bounds: Bounds, attempted: int) -> str:
@@ -309,8 +340,9 @@ class _Run:
 
     def report(self) -> None:
         if self.progress is not None:
-            self.progress(ReplayProgress(self.summary.attempted, self.bytes_read,
-                                         self.clock() - self.start))
+            summary = self.summary
+            attempted = summary.packets + (0 if summary.stats is None else summary.stats.failed)
+            self.progress(ReplayProgress(attempted, self.bytes_read, self.clock() - self.start))
 
     def finish(self, stats: SendStats | None) -> None:
         summary = self.summary

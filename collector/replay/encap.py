@@ -67,6 +67,7 @@ __all__ = [
 ENCAPS = ("vxlan", "geneve")
 PORT_RANGE = (49152, 65535)  # the outer source ports AWS uses (observed: 65408-65525)
 _PORT_BASE, _PORT_MASK = 49152, 0x3FFF  # 16384 ports: the low 14 bits of the hash
+_CACHED_FLOWS = 1 << 16  # flows whose port is remembered (then the cache starts over)
 
 ETH_IPV4, ETH_IPV6 = build.ETH_IPV4, build.ETH_IPV6
 ICMP, TCP, UDP, ICMPV6 = build.ICMP, build.TCP, build.UDP, build.ICMPV6
@@ -159,8 +160,9 @@ def source_port(flow: Flow) -> int:
 
 
 def flow_of(frame) -> Flow | None:
-    """The flow of an Ethernet frame (VLAN tags walked), or None when it is cut inside its
-    Ethernet header. Never raises: fields the frame does not hold stay empty."""
+    """The flow of an Ethernet frame (bytes or a memoryview; VLAN tags walked), or None when
+    it is cut inside its Ethernet header. Never raises: fields the frame does not hold stay
+    empty."""
     end = len(frame)
     at = 12
     while True:
@@ -261,11 +263,12 @@ class Mirrored(NamedTuple):
     flow: Flow | None  # the inner flow (None: cut inside the inner Ethernet header)
     truncated: bool  # cut to the packet length here
     cut_by_capture: bool  # the capture held fewer bytes than the packet (snaplen)
+    conversation: bytes = b""  # the flow's `symmetric_key` (b"" without a flow)
 
     def flow_key(self) -> tuple:
         """Flows are counted by this: the VNI and the conversation, as `collector` keys
         flows (both directions one flow; the same packets under two VNIs are two flows)."""
-        return (self.vni, None if self.flow is None else self.flow.symmetric_key())
+        return (self.vni, self.conversation)
 
 
 class Encapsulator:
@@ -294,6 +297,8 @@ class Encapsulator:
         self._gwlb_src = ipaddress.IPv4Address(gwlb_src).packed
         self._gwlb_dst = ipaddress.IPv4Address(gwlb_dst).packed
         self._ids = (endpoint_id, attachment_id)
+        # flow -> (source port, conversation key): computed once per flow, not per packet
+        self._known: dict[Flow | None, tuple[int, bytes]] = {None: (_PORT_BASE, b"")}
 
     @property
     def port(self) -> int:
@@ -307,7 +312,7 @@ class Encapsulator:
             if outer is not None:
                 vni, flow = _inner_of_datagram(outer.payload, outer.port)
                 return Mirrored(outer.payload, outer.src_port, outer.port, vni, flow, False,
-                                outer.cut)
+                                outer.cut, self._hashes(flow)[1])
             if self._vxlan is None:
                 return Skip.NO_VNI
         frame = ethernet_frame(record)
@@ -318,24 +323,34 @@ class Encapsulator:
     def encapsulate(self, frame: bytes, *, cut_by_capture: bool = False) -> Mirrored:
         """The datagram for one inner Ethernet frame."""
         flow = flow_of(frame)
-        sport = source_port(flow) if flow is not None else _PORT_BASE
+        sport, key = self._hashes(flow)
         copy = build.truncate(frame, self.packet_length)
         truncated = len(copy) < len(frame)
         if self.encap == "vxlan":
             return Mirrored(self._vxlan + copy, sport, VXLAN_PORT, self.vni, flow, truncated,
-                            cut_by_capture)
-        key = flow.symmetric_key() if flow is not None else b""
+                            cut_by_capture, key)
         options = build.aws_gwlb_options(*self._ids, flow_cookie=zlib.crc32(b"gwlb" + key))
         payload = build.gwlb_mirror(copy, vni=self.vni, outer_src=self._gwlb_src,
                                     outer_dst=self._gwlb_dst, source_port=sport, options=options)
-        return Mirrored(payload, sport, GENEVE_PORT, self.vni, flow, truncated, cut_by_capture)
+        return Mirrored(payload, sport, GENEVE_PORT, self.vni, flow, truncated, cut_by_capture,
+                        key)
+
+    def _hashes(self, flow: Flow | None) -> tuple[int, bytes]:
+        """(outer source port, conversation key) of `flow`, from a bounded cache."""
+        known = self._known.get(flow)
+        if known is None:
+            if len(self._known) >= _CACHED_FLOWS:
+                self._known.clear()
+                self._known[None] = (_PORT_BASE, b"")
+            known = self._known[flow] = (source_port(flow), flow.symmetric_key())
+        return known
 
 
 def _inner_of_datagram(payload: bytes, port: int) -> tuple[int | None, Flow | None]:
     """(VNI, inner flow) of a captured mirror datagram. VXLAN (the common case) is read here;
     GENEVE and VXLAN-GPE go through the decoder. A malformed one gives (None, None)."""
     if port == VXLAN_PORT and len(payload) >= 8 and payload[0] & 0x08:
-        return int.from_bytes(payload[4:7], "big"), flow_of(payload[8:])
+        return int.from_bytes(payload[4:7], "big"), flow_of(memoryview(payload)[8:])
     try:
         pkt = decode_datagram(payload, port)
     except Malformed:

@@ -46,8 +46,8 @@ from collector.sessions import (
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 __all__ = [
-    "AWS_SERVICE_ADDRESSES",
     "AMAZON_DNS_ADDRESSES",
+    "AWS_SERVICE_ADDRESSES",
     "FilterEvaluator",
     "Verdict",
     "filter_ids",

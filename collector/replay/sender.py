@@ -125,35 +125,45 @@ class Sender:
     def send(self, payload: bytes, source_port: int) -> bool:
         """Send one datagram from `source_port` (or the shared socket); True when the kernel
         took it, False when it is counted failed."""
-        sock = self._socket(source_port)
-        stats = self.stats
-        delay = self._backoff
+        sock = self._pool.get(source_port)
+        if sock is None:
+            sock = self._socket(source_port)
+        else:
+            self._pool.move_to_end(source_port)
+        try:
+            sock.send(payload)
+        except OSError as e:
+            return self._retry(sock, payload, e)
+        self.stats.sent += 1
+        return True
+
+    def _retry(self, sock: socket.socket, payload: bytes, error: OSError) -> bool:
+        """The slow path: a send failed with `error`. Retry what a short wait may cure."""
+        stats, delay = self.stats, self._backoff
         for attempt in range(self._retries + 1):
-            try:
-                sock.send(payload)
-            except OSError as e:
-                code = e.errno
-                if code in _RETRIED and attempt < self._retries:
-                    if attempt == 0:
-                        stats.retried += 1
-                    self._sleep(delay)
-                    delay *= 2
-                    continue
+            code = error.errno
+            if code not in _RETRIED or attempt == self._retries:
                 if code == errno.ECONNREFUSED:
                     stats.refused += 1
                 stats.failed += 1
                 stats.errors[errno.errorcode.get(code, str(code))] += 1
                 return False
+            if attempt == 0:
+                stats.retried += 1
+            self._sleep(delay)
+            delay *= 2
+            try:
+                sock.send(payload)
+            except OSError as e:
+                error = e
+                continue
             stats.sent += 1
             return True
         raise AssertionError("unreachable: the last attempt returns")
 
     def _socket(self, port: int) -> socket.socket:
+        """The socket for a port not in the pool: bound now, or the shared one."""
         pool = self._pool
-        sock = pool.get(port)
-        if sock is not None:
-            pool.move_to_end(port)
-            return sock
         if self.pool_size and port not in self.stats.unbindable:
             sock = self._bind(port)
             if sock is not None:

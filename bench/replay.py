@@ -1,0 +1,325 @@
+"""Replay benchmark: `collector replay --topspeed` beside `tcpreplay --topspeed -i lo`.
+
+    python bench/replay.py [--packets N] [--flows F] [--runs R] [--port P] [--profile]
+
+Generates (fixed seed; cached under the temp dir keyed by the parameters, so a re-run skips
+it) a plain capture as taken on a mirrored instance: F flows over N packets, 80/20
+IPv4/IPv6, 70% TCP, 25% UDP, 5% ICMP echo, both directions, IP sizes 40% 40-100 B, 30%
+552-600 B, 30% 1400-1500 B. Beside it, the same traffic pre-encapsulated as the appliance
+would receive it from 127.0.0.1: Ethernet / IPv4 127.0.0.1 -> 127.0.0.1 / UDP from the flow's
+outer source port to P / VXLAN (the datagrams `collector replay --vni 7159709` sends), so
+that tcpreplay can put the same datagrams on the loopback interface.
+
+Then, each run a fresh process, runs interleaved, medians of R, into a sink process that
+counts what reaches a UDP socket on 127.0.0.1:P:
+
+    collector replay PLAIN --vni 7159709 --topspeed --target 127.0.0.1:P
+    collector replay TWIN --as-captured --topspeed --target 127.0.0.1:P
+    tcpreplay --topspeed -i lo TWIN
+
+Rates are the tools' own ("Rated: ... pps"); the sink's count shows what arrived (a sink in
+Python is slower than both senders on this machine: what it drops says nothing about them).
+tcpreplay's frames from 127.0.0.1 arriving on lo are only delivered with
+net.ipv4.conf.lo.route_localnet=1 and accept_local=1: the benchmark sets both for its run and
+restores them. Without tcpreplay (``apt-get install tcpreplay``) its row is skipped, saying
+so. --profile runs one replay in this process under cProfile and prints the top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import platform
+import pstats
+import random
+import re
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from collector import build  # noqa: E402
+from collector.capture import read_capture  # noqa: E402
+from collector.replay.encap import Encapsulator  # noqa: E402
+
+SEED = 20261126
+GENERATOR = 1  # bump when the generated traffic changes: it keys the cache
+VNI = 7159709
+START_NS = 1_767_225_600 * 10**9
+SYSCTLS = ("net/ipv4/conf/lo/route_localnet", "net/ipv4/conf/lo/accept_local")
+
+SINK = r"""
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:  # SO_RCVBUFFORCE (33 on Linux; root) passes net.core.rmem_max
+    sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 64 << 20)
+except OSError:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+buf = bytearray(65536)
+count = size = 0
+sock.settimeout(30.0)  # the first datagram
+try:
+    while True:
+        size += sock.recv_into(buf)
+        count += 1
+        sock.settimeout(1.0)  # then: idle for a second = done
+except (TimeoutError, socket.timeout):
+    pass
+print(count, size, flush=True)
+"""
+
+
+# -- the captures ------------------------------------------------------------------------------
+
+
+def write_pcap(path: Path, frames) -> None:
+    """A classic little-endian nanosecond pcap of (timestamp ns, frame) pairs, Ethernet."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 262144, 1))
+        for ts, frame in frames:
+            f.write(struct.pack("<IIII", ts // 10**9, ts % 10**9, len(frame), len(frame)))
+            f.write(frame)
+
+
+def ip_size(rng: random.Random) -> int:
+    pick = rng.random()
+    if pick < 0.4:
+        return rng.randint(40, 100)
+    if pick < 0.7:
+        return rng.randint(552, 600)
+    return rng.randint(1400, 1500)
+
+
+def flows(count: int, rng: random.Random) -> list[tuple]:
+    """(version, proto, client, server, client port, server port) per flow."""
+    out = []
+    for i in range(count):
+        v6 = rng.random() < 0.2
+        pick = rng.random()
+        proto = build.TCP if pick < 0.7 else build.UDP if pick < 0.95 else (
+            build.ICMPV6 if v6 else build.ICMP)
+        if v6:
+            client, server = f"2001:db8:1::{i + 1:x}", f"2001:db8:3::{rng.randint(1, 50):x}"
+        else:
+            client = f"10.1.{i // 250}.{i % 250 + 1}"
+            server = f"10.3.0.{rng.randint(1, 50)}"
+        sport = rng.randint(32768, 60999)
+        dport = rng.choice((443, 80, 53, 8080, 5432)) if proto in (build.TCP, build.UDP) else 0
+        out.append((6 if v6 else 4, proto, client, server, sport, dport))
+    return out
+
+
+def packet(flow: tuple, forward: bool, size: int, seq: int) -> bytes:
+    version, proto, client, server, cport, sport = flow
+    src, dst = (client, server) if forward else (server, client)
+    sp, dp = (cport, sport) if forward else (sport, cport)
+    ip_header = 40 if version == 6 else 20
+    if proto == build.TCP:
+        body = bytes(max(0, size - ip_header - 20))
+        l4 = build.tcp(body, sport=sp, dport=dp, flags=build.ACK | build.PSH, seq=seq,
+                       ip_src=src, ip_dst=dst)
+    elif proto == build.UDP:
+        l4 = build.udp(bytes(max(0, size - ip_header - 8)), sport=sp, dport=dp, ip_src=src,
+                       ip_dst=dst)
+    else:
+        echo = 8 if version == 4 else 128
+        reply = 0 if version == 4 else 129
+        l4 = build.icmp(echo if forward else reply, 0, bytes(max(4, size - ip_header - 4)),
+                        ip_src=src, ip_dst=dst)
+    if version == 6:
+        return build.ethernet(build.ipv6(l4, src=src, dst=dst, next_header=proto),
+                              ethertype=build.ETH_IPV6)
+    return build.ethernet(build.ipv4(l4, src=src, dst=dst, proto=proto, ident=seq & 0xFFFF))
+
+
+def generate(packets: int, flow_count: int, port: int) -> tuple[Path, Path]:
+    cache = Path(tempfile.gettempdir()) / "collector-bench-replay"
+    cache.mkdir(exist_ok=True)
+    key = f"g{GENERATOR}-s{SEED}-n{packets}-f{flow_count}"
+    plain, twin = cache / f"{key}-plain.pcap", cache / f"{key}-twin-p{port}.pcap"
+    if not plain.exists():
+        print(f"generating {plain} ...", file=sys.stderr)
+        rng = random.Random(SEED)
+        table = flows(flow_count, rng)
+        weights = [rng.paretovariate(1.2) for _ in table]
+        chosen = rng.choices(range(flow_count), weights, k=packets)
+        frames = ((START_NS + i * 1000, packet(table[f], rng.random() < 0.55, ip_size(rng), i))
+                  for i, f in enumerate(chosen))
+        write_pcap(plain.with_suffix(".tmp"), frames)
+        plain.with_suffix(".tmp").rename(plain)
+    if not twin.exists():
+        print(f"generating {twin} ...", file=sys.stderr)
+        encapsulator = Encapsulator(vni=VNI)
+
+        def wrapped():
+            for record in read_capture(plain):
+                mirrored = encapsulator.mirror(record)
+                datagram = build.udp(mirrored.payload, sport=mirrored.source_port, dport=port)
+                ip = build.ipv4(datagram, src="127.0.0.1", dst="127.0.0.1", proto=build.UDP,
+                                ttl=255)
+                yield record.timestamp_ns, build.ethernet(ip, src=bytes(6), dst=bytes(6))
+
+        write_pcap(twin.with_suffix(".tmp"), wrapped())
+        twin.with_suffix(".tmp").rename(twin)
+    return plain, twin
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+class Sink:
+    def __init__(self, port: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", SINK, str(port)],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.proc.wait()
+            raise SystemExit(f"the sink could not bind 127.0.0.1:{port} (in use? pass --port)")
+
+    def result(self) -> tuple[int, int]:
+        out, _ = self.proc.communicate(timeout=60)
+        count, size = out.split()
+        return int(count), int(size)
+
+
+def udp_rcvbuf_errors() -> int:
+    lines = Path("/proc/net/snmp").read_text().splitlines()
+    udp = [line.split() for line in lines if line.startswith("Udp:")]
+    return int(udp[1][udp[0].index("RcvbufErrors")])
+
+
+RATED = re.compile(r"Rated: ([\d.]+) Bps, ([\d.]+) Mbps, ([\d.]+) pps")
+ACTUAL = re.compile(r"Actual: (\d+) packets \((\d+) bytes\) sent in ([\d.]+) seconds")
+
+
+def run_once(command: list[str], port: int) -> dict:
+    sink = Sink(port)
+    drops = udp_rcvbuf_errors()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    received, _ = sink.result()
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+    rated, actual = RATED.search(done.stdout), ACTUAL.search(done.stdout)
+    if rated is None or actual is None:
+        raise SystemExit(f"no summary from {' '.join(command)}:\n{done.stdout}{done.stderr}")
+    return {"packets": int(actual[1]), "seconds": float(actual[3]), "pps": float(rated[3]),
+            "mbps": float(rated[2]), "received": received,
+            "sink_drops": udp_rcvbuf_errors() - drops}
+
+
+class Sysctls:
+    """Set the loopback sysctls tcpreplay's frames need; restore them on exit."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, str] = {}
+
+    def __enter__(self) -> Sysctls:
+        for name in SYSCTLS:
+            path = Path("/proc/sys") / name
+            self.saved[name] = path.read_text().strip()
+            path.write_text("1\n")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, value in self.saved.items():
+            (Path("/proc/sys") / name).write_text(value + "\n")
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def tcpreplay_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    first = (out.stdout or out.stderr).splitlines()
+    return first[0] if first else "tcpreplay"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--packets", type=int, default=200_000)
+    parser.add_argument("--flows", type=int, default=2_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--port", type=int, default=4789)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    plain, twin = generate(args.packets, args.flows, args.port)
+    target = f"127.0.0.1:{args.port}"
+    collector = [sys.executable, "-m", "collector", "replay", "--topspeed", "--target", target]
+    if args.profile:
+        profile(plain, target)
+    if args.runs < 1:
+        return
+    rows = {
+        "collector replay --vni (plain capture, VXLAN)": collector + [str(plain), "--vni",
+                                                                      str(VNI)],
+        "collector replay --as-captured (the twin)": collector + [str(twin), "--as-captured"],
+    }
+    tcpreplay = shutil.which("tcpreplay")
+    if tcpreplay is None:
+        print("tcpreplay is not installed (apt-get install tcpreplay): its row is skipped")
+    else:
+        rows["tcpreplay --topspeed -i lo (the twin)"] = [tcpreplay, "--topspeed", "-i", "lo",
+                                                         str(twin)]
+    results: dict[str, list[dict]] = {name: [] for name in rows}
+    with Sysctls():
+        for _ in range(args.runs):
+            for name, command in rows.items():
+                results[name].append(run_once(command, args.port))
+    print(machine())
+    if tcpreplay is not None:
+        print(tcpreplay_version(tcpreplay))
+    print(f"{args.packets:,} packets, {args.flows:,} flows, to a UDP sink on {target}; "
+          f"medians of {args.runs} runs")
+    print(f"{'sender':<48}{'seconds':>9}{'packets/s':>12}{'Mbps':>9}{'at sink':>10}")
+    medians = {}
+    for name, runs in results.items():
+        med = {key: statistics.median(run[key] for run in runs)
+               for key in ("seconds", "pps", "mbps", "received")}
+        medians[name] = med
+        print(f"{name:<48}{med['seconds']:>9.2f}{med['pps']:>12,.0f}{med['mbps']:>9.1f}"
+              f"{med['received']:>10,.0f}")
+    if tcpreplay is not None:
+        ours = medians["collector replay --vni (plain capture, VXLAN)"]["pps"]
+        theirs = medians["tcpreplay --topspeed -i lo (the twin)"]["pps"]
+        print(f"ratio collector replay / tcpreplay: {ours / theirs:.2f} "
+              f"(as captured: {medians['collector replay --as-captured (the twin)']['pps'] / theirs:.2f})")
+
+
+def profile(plain: Path, target: str) -> None:
+    from collector.replay import ReplayOptions, replay
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    port = sink.getsockname()[1]
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    summary = replay([plain], f"127.0.0.1:{port}", ReplayOptions(vni=VNI, topspeed=True))
+    profiler.disable()
+    print(f"profiled: {summary.packets} packets in {time.perf_counter() - started:.2f} s")
+    sink.close()
+    stats = pstats.Stats(profiler).sort_stats("tottime")
+    stats.print_stats(15)
+
+
+if __name__ == "__main__":
+    main()
