@@ -30,8 +30,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks are scripts that print numbers (see BENCHMARKS.md); not part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/capture.py
+	$(BIN)/python bench/ingest.py --runs 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
