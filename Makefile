@@ -23,9 +23,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/collector serve --sessions fixtures/sessions/seed.json
 
-# The decoder on the embedded example capture (the seed session as an appliance captured it).
+# The appliance end to end in a few seconds: collector serve on loopback ports, two fixture
+# captures replayed into it (sessions VNI 42/43 whole, VNI 44 cut to 64 bytes), flushed, the
+# top talkers per session queried, a clean stop (collector/demo.py).
 demo: $(STAMP)
-	$(BIN)/collector decode fixtures/seed-session.pcap --sessions fixtures/sessions/seed.json
+	$(BIN)/python -m collector.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

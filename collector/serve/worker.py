@@ -109,6 +109,8 @@ class Worker:
             if isinstance(message, SessionRegistry):
                 self.registry = self.pipeline.registry = message
             elif isinstance(message, tuple) and message[0] == "flush":
+                for listener in self.listeners:  # what already arrived is part of the flush
+                    self._receive(listener)
                 self._guard(self.pipeline.flush)
                 self.flushed = message[1]
                 next_report = 0.0  # tell the supervisor now
