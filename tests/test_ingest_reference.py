@@ -148,7 +148,7 @@ SLL_HEADER_LEN, SLL2_HEADER_LEN = 16, 20
 
 FRAGMENT_JOIN = "fragment_join"
 MPLS_OPAQUE = "mpls_opaque"
-LLC_LENGTH_AS_ETHERTYPE = "llc_length_as_ethertype"
+LLC_NO_ETHERTYPE = "llc_no_ethertype"
 CUT_BEFORE_IP_LENGTH = "cut_before_ip_length"
 
 ADJUSTMENTS = {
@@ -163,10 +163,9 @@ ADJUSTMENTS = {
         " under it; collector's decoder does not decode MPLS: the frame is a non-IP flow of"
         " ethertype 0x8847, its bytes the frame's captured length."
     ),
-    LLC_LENGTH_AS_ETHERTYPE: (
+    LLC_NO_ETHERTYPE: (
         "An 802.3 frame (STP, IS-IS) has a length where Ethernet II has its type; tshark shows"
-        " eth.len and LLC, collector reads the field as the ethertype: a non-IP flow keyed by"
-        " the 802.3 length."
+        " eth.len and LLC, collector records a non-IP flow with a NULL ethertype."
     ),
     CUT_BEFORE_IP_LENGTH: (
         "The copy ends before the IP length field: tshark shows no length, collector counts"
@@ -186,8 +185,8 @@ EXPECTED_ADJUSTMENTS: dict[str, dict[str, int]] = {
     "frag/suricata_frag-eth-vlan-ipv6-tcp.pcap": {FRAGMENT_JOIN: 2},
     "fixtures/plain-mixed.pcap": {FRAGMENT_JOIN: 2},  # one later IPv4 and one IPv6 fragment
     # 6 MPLS -> IPv4 ICMP, 10 MPLS pseudowire -> Ethernet -> VLAN -> IPv4 ICMP; 1 IS-IS (LLC)
-    "mixed/tcpreplay_test.pcap": {MPLS_OPAQUE: 16, LLC_LENGTH_AS_ETHERTYPE: 1},
-    "mixed/zeek_wikipedia.pcap": {LLC_LENGTH_AS_ETHERTYPE: 4},  # STP BPDUs
+    "mixed/tcpreplay_test.pcap": {MPLS_OPAQUE: 16, LLC_NO_ETHERTYPE: 1},
+    "mixed/zeek_wikipedia.pcap": {LLC_NO_ETHERTYPE: 4},  # STP BPDUs
     "vlan/zeek_mixed-vlan-mpls.pcap": {MPLS_OPAQUE: 11},  # MPLS -> IPv4 TCP (telnet)
     # see edge_case_records: the copy cut inside the IP header; the fragment pair in order
     "generated/edge-cases.pcap": {CUT_BEFORE_IP_LENGTH: 1, FRAGMENT_JOIN: 1},
@@ -303,7 +302,7 @@ class Frame:
     """The frame collector meters (a plain frame, or the one inside the mirror copy), located
     in tshark's protocol tokens."""
 
-    ethertype: int | None  # after the VLAN tags (an 802.3 frame: its length field)
+    ethertype: int | None  # after the VLAN tags (an 802.3 frame: None)
     vlans: list[int | None]  # VLAN ids in collector's frame, outermost first
     network: int  # token index of the layer after the ethertype
     captured_len: int | None  # collector's captured_len of the frame (None: not derived)
@@ -359,7 +358,7 @@ def _ethernet(frame: TsharkFrame, eth: int, captured_len: int | None) -> Frame:
         # 802.3: eth.len, one per Ethernet header that has no "ethertype" token
         n = sum(1 for i in range(eth)
                 if tokens[i] == "eth" and tokens[i + 1 : i + 2] != ["ethertype"])
-        return Frame(_int(frame.nth("eth.len", n)), [], eth + 1, captured_len,
+        return Frame(None, [], eth + 1, captured_len,
                      ETHERNET_HEADER_LEN, llc=True)
     # eth.type: one per Ethernet II header, i.e. per "eth" followed by "ethertype"
     n = sum(1 for i in range(eth) if tokens[i : i + 2] == ["eth", "ethertype"])
@@ -432,7 +431,7 @@ def _meter(frame: TsharkFrame, ts_ns: int, mirror: bool, vni: int | None, found:
     vlans = (found.vlans + [None, None])[:2]
     pkt = Metered(frame.number, ts_ns, mirror, vni, (vlans[0], vlans[1]), found.ethertype)
     if found.llc:
-        pkt.adjustments.append(LLC_LENGTH_AS_ETHERTYPE)
+        pkt.adjustments.append(LLC_NO_ETHERTYPE)
     if not pkt.is_ip:
         if tokens[at : at + 1] == ["mpls"]:
             pkt.adjustments.append(MPLS_OPAQUE)

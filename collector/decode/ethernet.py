@@ -9,6 +9,7 @@ from __future__ import annotations
 from collector.decode.packet import Packet
 
 HEADER_LEN = 14
+MIN_ETHERTYPE = 0x0600  # below it the field is an 802.3 length: an LLC frame, no ethertype
 # 802.1Q C-tag, 802.1ad S-tag, and the pre-standard QinQ TPID that Wireshark also honours
 VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))
 
@@ -26,7 +27,8 @@ def parse(buf, off: int, end: int, pkt: Packet) -> int | None:
         ethertype = (buf[type_at] << 8) | buf[type_at + 1]
         if ethertype not in VLAN_TPIDS:
             pkt.vlans = tuple(vlans)
-            pkt.ethertype = ethertype
+            # An 802.3 frame (STP, IS-IS) carries its length here: it has no ethertype.
+            pkt.ethertype = ethertype if ethertype >= MIN_ETHERTYPE else None
             return type_at + 2
         if type_at + 4 > end:
             break  # the tag's TCI was cut: its VLAN id is unknown

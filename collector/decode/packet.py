@@ -33,7 +33,8 @@ class Packet:
     eth_dst: bytes | None = None
     eth_src: bytes | None = None
     vlans: tuple[int, ...] = ()  # 802.1Q / 802.1ad VLAN ids, outermost first (complete tags)
-    ethertype: int | None = None  # after the tags; set from the tunnel for IP-only links
+    ethertype: int | None = None  # after the tags (None for 802.3/LLC frames, whose field is a
+    # length); set from the tunnel for IP-only links
     l3_offset: int | None = None
     ip_version: int | None = None
     ip_header_len: int | None = None  # IPv4 IHL*4; IPv6 40 + extension headers walked

@@ -49,3 +49,10 @@ def test_mac_addresses_appear_with_their_bytes(cut, dst, src):
 def test_non_ip_frames_are_reported_by_ethertype(ethertype):
     pkt = decode(build.ethernet(b"\0" * 28, ethertype=ethertype))
     assert (pkt.ethertype, pkt.ip_version, pkt.l3_offset, pkt.truncated) == (ethertype, None, None, False)
+
+
+def test_an_8023_frame_has_a_length_not_an_ethertype():
+    llc = b"\x42\x42\x03" + b"\0" * 36  # an STP BPDU behind its LLC header
+    pkt = decode(build.ethernet(llc, ethertype=len(llc)))
+    assert (pkt.ethertype, pkt.ip_version, pkt.truncated, pkt.captured_len) == (None, None, False, 53)
+    assert decode(build.ethernet(llc, ethertype=0x0600)).ethertype == 0x0600
