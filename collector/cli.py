@@ -305,6 +305,11 @@ def serve_command(config_file, check, **flags) -> None:
       collector serve --sessions sessions.json --data /var/lib/collector
       curl -s localhost:8080/healthz; curl -s localhost:8080/metrics
     """
+    import signal
+
+    # A reload asked for while we start changes nothing (the sessions are read at start), but
+    # SIGHUP's default action would kill us: hold it until the supervisor installs its handler.
+    signal.signal(signal.SIGHUP, lambda *_: None)
     from collector.serve import ConfigError, StartupError, load, serve
     from collector.serve.supervisor import Supervisor
 
