@@ -37,6 +37,7 @@ __all__ = [
     "MirrorSession",
     "SessionRegistry",
     "SessionsError",
+    "filters_of",
     "format_table",
     "load_sessions",
     "parse_document",
@@ -473,6 +474,15 @@ def _enrich(session: MirrorSession, found: _Found) -> MirrorSession:
 
 # --------------------------------------------------------------------------------------------
 # Bytes and files
+
+
+def filters_of(documents: Iterable[tuple[str, Any]]) -> dict[str, MirrorFilter]:
+    """Every Traffic Mirror filter in ``(name, parsed JSON)`` documents, by id, validated as
+    :meth:`SessionRegistry.from_documents` validates them (errors name file, path, field)."""
+    found = _Found()
+    for name, doc in documents:
+        _walk(doc, name, found)
+    return {filter_id: mirror_filter for filter_id, (mirror_filter, _) in found.filters.items()}
 
 
 def parse_document(data: bytes, name: str) -> Any:

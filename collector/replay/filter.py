@@ -28,7 +28,6 @@ path and the field (`load_filter`).
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -38,8 +37,8 @@ from collector.replay.encap import TCP, UDP, Flow
 from collector.sessions import (
     FilterRule,
     MirrorFilter,
-    SessionRegistry,
     SessionsError,
+    filters_of,
     read_document,
 )
 
@@ -50,7 +49,6 @@ __all__ = [
     "AWS_SERVICE_ADDRESSES",
     "FilterEvaluator",
     "Verdict",
-    "filter_ids",
     "load_filter",
     "parse_sources",
 ]
@@ -235,38 +233,13 @@ _NOT_SOURCE = Verdict(False, "not the source's traffic")
 # -- reading filters ---------------------------------------------------------------------------
 
 
-def filter_ids(doc) -> list[str]:
-    """The TrafficMirrorFilterId of every filter in a parsed AWS CLI document (any of the
-    shapes `collector.sessions` accepts), in file order; ids that are not strings are left
-    for the registry's validation to report."""
-    pages = doc if isinstance(doc, list) else [doc]
-    ids = []
-    for page in pages:
-        if not isinstance(page, dict):
-            continue
-        found = page.get("TrafficMirrorFilters")
-        filters = found if isinstance(found, list) else []
-        if isinstance(page.get("TrafficMirrorFilter"), dict):
-            filters = [*filters, page["TrafficMirrorFilter"]]
-        for item in filters:
-            if isinstance(item, dict) and isinstance(item.get("TrafficMirrorFilterId"), str):
-                ids.append(item["TrafficMirrorFilterId"])
-    return ids
-
-
 def load_filter(path: str | os.PathLike, filter_id: str | None = None) -> MirrorFilter:
     """The filter `filter_id` (or the only one) of a `describe-traffic-mirror-filters` /
-    `create-traffic-mirror-filter` output file. Raises `SessionsError`.
-
-    `collector.sessions` validates filters but only hands them out attached to the sessions
-    that use them. So the filters are read through it with one placeholder session per filter
-    (under a VNI the file does not use): the rules come out as its validated, sorted
-    `FilterRule` values, and a bad file fails with its own file name, JSON path and field.
-    """
+    `create-traffic-mirror-filter` output file, validated by `collector.sessions` (a bad file
+    fails with its file name, JSON path and field). Raises `SessionsError`."""
     name = os.fsdecode(path)
-    doc = read_document(path)
-    own = SessionRegistry.from_documents([(name, doc)])  # validates the whole file first
-    ids = list(dict.fromkeys(filter_ids(doc)))
+    filters = filters_of([(name, read_document(path))])
+    ids = list(filters)
     if not ids:
         raise SessionsError(f"{name}: no TrafficMirrorFilters: expected the output of "
                             "`aws ec2 describe-traffic-mirror-filters`")
@@ -275,17 +248,9 @@ def load_filter(path: str | os.PathLike, filter_id: str | None = None) -> Mirror
             raise SessionsError(f"{name}: holds {len(ids)} filters ({', '.join(ids)}): "
                                 "choose one by its id")
         filter_id = ids[0]
-    elif filter_id not in ids:
+    elif filter_id not in filters:
         raise SessionsError(f"{name}: no filter {filter_id} (it holds {', '.join(ids)})")
-    first = next(vni for vni in itertools.count() if vni not in own)
-    placeholder = {"TrafficMirrorSessions": [{
-        "TrafficMirrorSessionId": f"tms-replay-{filter_id}", "VirtualNetworkId": first,
-        "SessionNumber": 1, "NetworkInterfaceId": "-", "TrafficMirrorTargetId": "-",
-        "TrafficMirrorFilterId": filter_id}]}
-    registry = SessionRegistry.from_documents([(name, doc), ("<placeholder>", placeholder)])
-    mirror_filter = registry.lookup(first).filter
-    assert mirror_filter is not None
-    return mirror_filter
+    return filters[filter_id]
 
 
 def parse_sources(ips: Sequence[str] = (), cidrs: Sequence[str] = ()) -> tuple[Network, ...]:

@@ -10,7 +10,8 @@ import pytest
 
 from collector import build
 from collector.replay.encap import Flow, flow_of
-from collector.replay.filter import FilterEvaluator, filter_ids, load_filter, parse_sources
+from collector.replay.filter import FilterEvaluator, load_filter, parse_sources
+from collector.sessions import filters_of
 from collector.sessions import MirrorFilter, SessionsError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -254,13 +255,13 @@ def test_a_create_filter_output_and_a_file_with_sessions_too_load(tmp_path):
                                                         "EgressFilterRules": [rule(5)]},
                                 "ClientToken": "x"}))
     assert load_filter(path).egress[0].rule_number == 5
-    # a file that also holds a session under VNI 0: the placeholder must not collide with it
+    # a file that also holds a session: only its filters matter
     session = json.loads((FIXTURES / "sessions" / "seed.json").read_text())["TrafficMirrorSession"]
     session["VirtualNetworkId"] = 0
     both = tmp_path / "both.json"
     both.write_text(json.dumps([{"TrafficMirrorSessions": [session]},
                                 {"TrafficMirrorFilters": [{"TrafficMirrorFilterId": "tmf-3"}]}]))
-    assert filter_ids(json.loads(both.read_text())) == ["tmf-3"]
+    assert list(filters_of([("both.json", json.loads(both.read_text()))])) == ["tmf-3"]
     assert load_filter(both).filter_id == "tmf-3"
 
 
