@@ -40,6 +40,11 @@ def test_my_capture(collector_server):
 # -- the plugin as a user meets it ---------------------------------------------------------------
 
 
+def test_the_readme_shows_this_very_example():
+    readme = (FIXTURES.parent / "README.md").read_text()
+    assert "```python\n" + README_EXAMPLE + "```" in readme
+
+
 def test_the_entry_point_names_the_plugin(pytestconfig):
     (entry,) = importlib.metadata.entry_points(group="pytest11", name="collector")
     assert entry.value == "collector.testing"
