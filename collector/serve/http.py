@@ -123,7 +123,8 @@ class _Metrics:
         for s in live:
             flush.add_metric([str(s.worker)], s.flush_seconds)
         yield flush
-        yield labelled("collector_kernel_drops", "datagrams the kernel dropped on our sockets (SO_RXQ_OVFL)",
+        yield labelled("collector_kernel_drops", "datagrams the kernel dropped on our sockets "
+                       "(SO_MEMINFO, SO_RXQ_OVFL)",
                        "kernel_drops", "listener")
         proc = GaugeMetricFamily("collector_socket_drops", "drops of our UDP ports in /proc/net/udp{,6}",
                                  labels=["port"])
