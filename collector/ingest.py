@@ -51,6 +51,7 @@ class _Slots:
         self.port = port
         self.buf = np.zeros((BATCH_ROWS, width), dtype=np.uint8)
         self.lengths = np.zeros(BATCH_ROWS, dtype=np.int64)
+        self.present = np.zeros(BATCH_ROWS, dtype=np.int64)  # bytes of the row that are data
         self.ts = np.zeros(BATCH_ROWS, dtype=np.int64)
         self.no_vni = np.zeros(BATCH_ROWS, dtype=bool)
         self.rows = 0
@@ -60,7 +61,8 @@ class _Slots:
         row, width = self.rows, self.buf.shape[1]
         head = payload[:width]
         self.buf[row, : len(head)] = np.frombuffer(head, dtype=np.uint8)
-        self.buf[row, len(head):] = 0
+        # A snaplen may have cut the datagram: `present` says where its bytes end in the row.
+        self.present[row] = len(head)
         self.lengths[row], self.ts[row], self.no_vni[row] = length, ts, no_vni
         self.rows += 1
         return self.rows == BATCH_ROWS
@@ -150,7 +152,7 @@ def _feed_all(pipeline: Pipeline, slots: dict[int, _Slots]) -> None:
 def _feed(pipeline: Pipeline, slots: _Slots) -> None:
     rows = slots.rows
     buf, lengths, ts = slots.buf[:rows], slots.lengths[:rows], slots.ts[:rows]
-    batch = decode_batch(buf, lengths, slots.port)
+    batch = decode_batch(buf, lengths, slots.port, slots.present[:rows])
     if slots.no_vni[:rows].any():
         batch.vni[slots.no_vni[:rows]] = -1  # a plain packet of a capture without --vni
     pipeline.feed_decoded(batch, ts, buf, lengths)

@@ -157,27 +157,33 @@ _OPTIONAL_INTS = (
 )
 
 
-def decode_batch(buf: np.ndarray, lengths, port: int = VXLAN_PORT) -> PacketBatch:
-    """Decode row i of `buf` (its first min(lengths[i], width) bytes) as a datagram of
-    lengths[i] bytes received on `port`."""
+def decode_batch(buf: np.ndarray, lengths, port: int = VXLAN_PORT, present=None) -> PacketBatch:
+    """Decode row i of `buf` as a datagram of lengths[i] bytes received on `port`.
+
+    Row i holds the datagram's first present[i] bytes: by default min(lengths[i], width), as a
+    receive slot does; a capture cut by its snaplen holds fewer, and the bytes after them in
+    the row are not the datagram's."""
     if buf.ndim != 2 or buf.dtype != np.uint8:
         raise ValueError("buf must be a 2-D uint8 array, one datagram per row")
     lengths = np.asarray(lengths, dtype=np.int64)
     n, width = buf.shape
     if len(lengths) != n:
         raise ValueError(f"{len(lengths)} lengths for {n} rows")
+    present = np.minimum(lengths, width) if present is None else np.minimum(
+        np.asarray(present, dtype=np.int64), np.minimum(lengths, width))
     out = PacketBatch.empty(n)
     done = np.zeros(n, dtype=bool)
     if port == VXLAN_PORT:
-        rows = lengths >= 8
+        rows = present >= 8
         if rows.all():
-            done = _fixed_layout(buf, lengths, 8, out, slice(None))  # no copy
+            done = _fixed_layout(buf, lengths, present, 8, out, slice(None))  # no copy
         else:
             rows = np.flatnonzero(rows)
-            done[rows[_fixed_layout(buf[rows], lengths[rows], 8, out, rows)]] = True
+            handled = _fixed_layout(buf[rows], lengths[rows], present[rows], 8, out, rows)
+            done[rows[handled]] = True
     elif port == GENEVE_PORT:
-        for base, rows in _gwlb_groups(buf, lengths):
-            handled = _fixed_layout(buf[rows], lengths[rows], base, out, rows)
+        for base, rows in _gwlb_groups(buf, present):
+            handled = _fixed_layout(buf[rows], lengths[rows], present[rows], base, out, rows)
             if handled.any():
                 hit = rows[handled]
                 out.encap[hit] = _ENCAP_CODE["geneve-vxlan"]
@@ -185,11 +191,11 @@ def decode_batch(buf: np.ndarray, lengths, port: int = VXLAN_PORT) -> PacketBatc
                 out.reserved_bits[hit] |= ((buf[hit, 1] & 0x3F) | buf[hit, 7]) != 0
                 done[hit] = True
     for i in np.flatnonzero(~done):
-        _decode_one(buf, lengths, port, int(i), width, out)
+        _decode_one(buf, lengths, present, port, int(i), out)
     return out
 
 
-def _gwlb_groups(buf: np.ndarray, lengths: np.ndarray):
+def _gwlb_groups(buf: np.ndarray, present: np.ndarray):
     """Rows shaped GENEVE (IPv4 protocol) -> IPv4 without options -> UDP 4789 -> VXLAN, grouped
     by where the mirrored frame starts, which depends on the GENEVE options length."""
     if buf.shape[1] < 8:
@@ -197,7 +203,7 @@ def _gwlb_groups(buf: np.ndarray, lengths: np.ndarray):
     opt_bytes = (buf[:, 0].astype(np.int64) & 0x3F) * 4
     base = opt_bytes + 8 + 20 + 8 + 8  # GENEVE, options, IPv4, UDP, VXLAN
     plausible = ((buf[:, 0] >> 6) == 0) & (buf[:, 2] == 0x08) & (buf[:, 3] == 0)
-    plausible &= (lengths >= base) & (base <= buf.shape[1])
+    plausible &= present >= base
     for value in np.unique(base[plausible]):
         rows = np.flatnonzero(plausible & (base == value))
         ip = int(value) - 36
@@ -223,10 +229,10 @@ def _options_well_formed(group: np.ndarray, options_end: int) -> np.ndarray:
         at[walking] += step
 
 
-def _decode_one(buf, lengths, port, i, width, out: PacketBatch) -> None:
+def _decode_one(buf, lengths, present, port, i, out: PacketBatch) -> None:
     length = int(lengths[i])
     try:
-        pkt = decode_datagram(buf[i, : min(length, width)].tobytes(), port, length=length)
+        pkt = decode_datagram(buf[i, : int(present[i])].tobytes(), port, length=length)
     except Malformed as err:
         out.reason[i] = _REASON_CODE[err.reason]
         return
@@ -268,8 +274,8 @@ def _one_of(values: np.ndarray, choices) -> np.ndarray:
     return hit
 
 
-def _fixed_layout(b: np.ndarray, lengths: np.ndarray, base: int, out: PacketBatch,
-                  rows) -> np.ndarray:
+def _fixed_layout(b: np.ndarray, lengths: np.ndarray, present: np.ndarray, base: int,
+                  out: PacketBatch, rows) -> np.ndarray:
     """Decode the rows of `b` that have the common shape, with the VXLAN header at base-8 and
     the mirrored frame at `base`; `rows` (a slice or an index array) says where they go in
     `out`. Returns the mask of rows handled; the others are left to the reference decoder,
@@ -279,7 +285,7 @@ def _fixed_layout(b: np.ndarray, lengths: np.ndarray, base: int, out: PacketBatc
     if m == 0 or width < l3 + 1:
         return np.zeros(m, dtype=bool)
     cap = (lengths - base).astype(np.int32)  # bytes of the mirrored frame in the copy
-    avail = np.minimum(lengths, width).astype(np.int32) - l3  # IP-layer bytes in the buffer
+    avail = present.astype(np.int32) - l3  # IP-layer bytes in the buffer
     ip_cap = cap - 14  # IP-layer bytes in the copy
 
     # Reading one byte of every slot walks memory with the slot's stride, a cache line per
