@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from functools import cache
@@ -28,6 +29,13 @@ CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
 # pcapng block types (https://www.ietf.org/archive/id/draft-ietf-opsawg-pcapng-02.html)
 _SHB, _IDB, _PB, _SPB, _EPB = 0x0A0D0D0A, 1, 2, 3, 6
 _SHB_LE_MAGIC = b"\x4d\x3c\x2b\x1a"
+
+
+def tshark_path() -> str | None:
+    """tshark on PATH, or Debian's, or None."""
+    if found := shutil.which("tshark"):
+        return found
+    return "/usr/bin/tshark" if os.access("/usr/bin/tshark", os.X_OK) else None
 
 
 def reference_required() -> bool:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
 import struct
 import subprocess
 from collections import Counter, defaultdict
@@ -62,6 +61,7 @@ from collector.ingest import ingest
 from collector.pipeline import Pipeline
 from collector.query import connect
 from tests import pcaps
+from tests.pcaps import tshark_path
 
 pytestmark = pytest.mark.reference
 
@@ -194,12 +194,6 @@ EXPECTED_ADJUSTMENTS: dict[str, dict[str, int]] = {
 
 
 # -- tshark -----------------------------------------------------------------------------------
-
-
-def tshark_path() -> str | None:
-    if found := shutil.which("tshark"):
-        return found
-    return "/usr/bin/tshark" if os.access("/usr/bin/tshark", os.X_OK) else None
 
 
 @dataclass

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
 import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import pytest
 
 from collector.decode import Malformed, decode_datagram
 from tests import pcaps
+from tests.pcaps import tshark_path
 
 pytestmark = pytest.mark.reference
 
@@ -94,12 +94,6 @@ TCP_FLAGS_MASK = 0x1FF  # tshark's tcp.flags has 12 bits; the 3 reserved ones ar
 
 
 # -- tshark -----------------------------------------------------------------------------------
-
-
-def tshark_path() -> str | None:
-    if found := shutil.which("tshark"):
-        return found
-    return "/usr/bin/tshark" if os.access("/usr/bin/tshark", os.X_OK) else None
 
 
 @dataclass
