@@ -18,7 +18,7 @@ def pure_python() -> bool:
 
 
 def extension(name: str) -> ModuleType | None:
-    """`collector.<name>` (e.g. "_fastcore") when it is built and not switched off, else None."""
+    """`collector.<name>` (e.g. "_fastflow") when it is built and not switched off, else None."""
     if pure_python():
         return None
     try:

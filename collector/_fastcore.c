@@ -1,7 +1,0 @@
-/* collector._fastcore: placeholder module; the real implementation replaces this file. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "collector._fastcore", NULL, -1, NULL};
-
-PyMODINIT_FUNC PyInit__fastcore(void) { return PyModule_Create(&module); }
