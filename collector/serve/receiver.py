@@ -3,6 +3,10 @@
 Each datagram lands in one row of a numpy array (`decode_batch`'s input) with its real length
 (MSG_TRUNC: a row keeps only its first bytes, the length stays true), the kernel's receive
 timestamp (SO_TIMESTAMPNS) and the socket's cumulative drop counter (SO_RXQ_OVFL).
+
+With the compiled `collector._fastio` a batch is one recvmmsg(2) call (up to `rows`
+datagrams, the GIL released); without it (no compiler, COLLECTOR_PURE_PYTHON=1) one
+recvmsg_into per datagram fills the same arrays the same way: the tests compare the two.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import struct
 
 import numpy as np
 
+from collector import compiled
 from collector.serve.config import Address
 
 # Linux values; older Pythons do not export them.
@@ -63,13 +68,24 @@ def open_listener(address: Address, rcvbuf: int) -> tuple[socket.socket, int]:
 
 
 class Receiver:
-    """Receives batches of datagrams from one socket into fixed-width rows."""
+    """Receives batches of datagrams from one socket into fixed-width rows.
 
-    def __init__(self, sock: socket.socket, rows: int, width: int) -> None:
+    After `receive` returned n, rows [:n] of `buf`, `lengths` (the real datagram lengths),
+    `ts` (kernel receive times, ns) and `truncated` (the datagram was longer than its row)
+    describe the batch. `fastio` picks the implementation: None asks `collector.compiled`,
+    False forces the pure-Python one (tests and benchmarks compare them).
+    """
+
+    def __init__(self, sock: socket.socket, rows: int, width: int, *,
+                 fastio: bool | None = None) -> None:
         self.sock = sock
         self.buf = np.zeros((rows, width), dtype=np.uint8)
         self.lengths = np.zeros(rows, dtype=np.int64)
         self.ts = np.zeros(rows, dtype=np.int64)
+        self.truncated = np.zeros(rows, dtype=np.bool_)
+        self._fastio = compiled.extension("_fastio") if fastio is not False else None
+        if fastio and self._fastio is None:
+            raise RuntimeError("collector._fastio is not built (or COLLECTOR_PURE_PYTHON is set)")
         self._views = [memoryview(self.buf[i]) for i in range(rows)]
         self._overflow_drops = 0  # cumulative, from SO_RXQ_OVFL
         self.datagrams = 0
@@ -91,13 +107,22 @@ class Receiver:
     def receive(self, now_ns: int) -> int:
         """Fill rows until the socket is empty or the batch is full; returns the rows filled.
         `now_ns` stands in for a datagram that came without a kernel timestamp."""
+        if self._fastio is not None:
+            rows, overflow = self._fastio.recv_batch(self.sock.fileno(), self.buf, self.lengths,
+                                                     self.ts, self.truncated, now_ns)
+            if overflow >= 0:
+                self._overflow_drops = overflow
+            if rows:
+                self.datagrams += rows
+                self.bytes += int(self.lengths[:rows].sum())
+            return rows
         recv = self.sock.recvmsg_into
         flags = socket.MSG_TRUNC | socket.MSG_DONTWAIT
         rows = 0
         limit = len(self._views)
         while rows < limit:
             try:
-                size, ancillary, _, _ = recv([self._views[rows]], _ANCILLARY, flags)
+                size, ancillary, msg_flags, _ = recv([self._views[rows]], _ANCILLARY, flags)
             except BlockingIOError:
                 break
             except OSError as err:
@@ -115,6 +140,7 @@ class Receiver:
             # reads past a row's length.
             self.lengths[rows] = size
             self.ts[rows] = ts
+            self.truncated[rows] = bool(msg_flags & socket.MSG_TRUNC)
             self.bytes += size
             rows += 1
         self.datagrams += rows
