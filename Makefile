@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test install bench clean
+.PHONY: run demo test install bench clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/ingest.py --runs 3
+
+# Coverage-guided fuzzing (atheris) of the decoders, capture readers, sessions and config
+# loaders, FUZZ_SECONDS per target; failing inputs land in fuzz/crashes/ (docs/robustness.md).
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	$(BIN)/python fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -14,6 +14,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 
+MAX_SIZE = 1 << 50  # 1 PiB: sizes (min_free) beyond are typos
+MAX_RCVBUF = (1 << 31) - 1  # SO_RCVBUF is a C int
+MAX_BATCH = 1 << 16  # datagrams per receive call; each worker allocates batch x slot bytes
+MAX_WORKERS = 1024
+
+
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names it and its source."""
 
@@ -77,19 +83,64 @@ def parse_address(text: str, default_host: str = "0.0.0.0") -> Address:
         host, port = "", text
     else:
         raise ValueError(f"{text!r} is not HOST:PORT")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: the port must be 0-65535")
-    return Address(host or default_host, int(port))
+    # Port 0 would bind a port the kernel picks, that no load balancer or Prometheus target
+    # names: a listener nobody can reach, so it is refused like a port out of range.
+    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be 1-65535")
+    host = host or default_host
+    if not _valid_host(host, bracketed=text.startswith("[")):
+        raise ValueError(f"{text!r}: {host!r} is not an IPv4 address, [IPv6] address or host name")
+    return Address(host, int(port))
+
+
+def _valid_host(host: str, bracketed: bool) -> bool:
+    """An IPv6 literal (only inside brackets), an IPv4 literal, or a DNS host name."""
+    if bracketed:
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+            return True
+        except (OSError, ValueError):
+            return False
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return True
+    except (OSError, ValueError):
+        pass
+    # "999.1.1.1" is no address and, all digits and dots, no host name either
+    labels = host.rstrip(".").split(".")
+    return (len(host) <= 253 and not all(label.isdigit() for label in labels)
+            and all(0 < len(label) <= 63 and label.isascii()
+                    and all(c.isalnum() or c == "-" for c in label)
+                    and label[0] != "-" and label[-1] != "-" for label in labels))
 
 
 def _size(text) -> int:
-    """Bytes, with an optional K/M/G suffix (powers of 1024)."""
+    """Bytes, with an optional K/M/G suffix (powers of 1024): a whole number from 0 to 1 PiB."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a size")
     if isinstance(text, int):
-        return text
-    text = str(text).strip().upper().removesuffix("B")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
-    number = text[:-1] if scale > 1 else text
-    return int(float(number) * scale)
+        size = text
+    else:
+        digits = str(text).strip().upper().removesuffix("B")
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(digits[-1:], 1)
+        number = float(digits[:-1] if scale > 1 else digits)
+        if not math.isfinite(number):  # int() of inf raises OverflowError, not ValueError
+            raise ValueError(f"{text!r} is not a finite size")
+        size = int(number * scale)
+    if not 0 <= size <= MAX_SIZE:
+        raise ValueError(f"{text!r} must be 0-{MAX_SIZE} bytes (1 PiB)")
+    return size
+
+
+def _bounded(convert, high: int):
+    """`convert`, then at most `high`: larger values are mistakes that would fail later, far
+    from the setting (a receive batch that cannot be allocated, an int the kernel refuses)."""
+    def check(value):
+        number = convert(value)
+        if number > high:
+            raise ValueError(f"{value!r} must be at most {high}")
+        return number
+    return check
 
 
 def _bool(value) -> bool:
@@ -159,7 +210,7 @@ _CONVERT = {
     "health": parse_address,
     "data": Path,
     "sessions": _paths,
-    "workers": _positive(_integer),
+    "workers": _bounded(_positive(_integer), MAX_WORKERS),
     "flush_seconds": _positive(float),
     "idle_timeout": _positive(float),
     "active_timeout": _positive(float),
@@ -168,8 +219,8 @@ _CONVERT = {
     "packet_bytes": _packet_bytes,
     "collector_id": _collector_id,
     "min_free": _size,
-    "rcvbuf": _positive(_size),
-    "batch": _positive(_integer),
+    "rcvbuf": _bounded(_positive(_size), MAX_RCVBUF),
+    "batch": _bounded(_positive(_integer), MAX_BATCH),
     "shutdown_timeout": _positive(float),
     "health_stale": _positive(float),
     "log_format": _choice("text", "json"),
@@ -218,6 +269,6 @@ def _apply(config: ServeConfig, values: dict, source: str, prefix: str = "") -> 
             raise ConfigError(f"{source}: unknown setting {shown!r}; settings: {', '.join(KEYS)}")
         try:
             changes[name] = _CONVERT[name](value)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, OverflowError) as err:
             raise ConfigError(f"{source}: {shown}: {err}") from None
     return replace(config, **changes)
