@@ -260,6 +260,76 @@ def query_command(sql, data_dir, output_format, output) -> None:
         sys.exit(2)
 
 
+@main.command("compact")
+@click.option("--data", "data_dir", default="data", show_default=True, metavar="DIR|s3://...",
+              help="The dataset: a directory or s3://bucket/prefix.")
+@click.option("--table", type=click.Choice(["flows", "packets", "sessions", "all"]), default="all",
+              show_default=True, help="The table to compact.")
+@click.option("--older-than", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              metavar="HOURS", help="Compact an hour only once its end is HOURS in the past.")
+@click.option("--target-rows", type=click.IntRange(min=1), default=2_000_000, show_default=True,
+              metavar="N", help="Rows per compacted file.")
+@click.option("--grace", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              metavar="S", help="Keep superseded files S seconds for readers that listed them.")
+@click.option("--dry-run", is_flag=True, help="Say what would be merged; change nothing.")
+def compact_command(data_dir, table, older_than, target_rows, grace, dry_run) -> None:
+    """Merge the small files of closed hours into few large sorted ones.
+
+    Queries running meanwhile see every row exactly once: the switch is an atomic manifest
+    per partition, and superseded files stay --grace seconds for readers that listed them
+    (a later run deletes them). Athena/Spark see the new files once published: see
+    docs/scale-out.md. Run one compaction at a time per dataset.
+
+    \b
+    Example:
+      collector compact --data s3://bucket/flows-prefix --older-than 2
+    """
+    from collector.store.compact import CompactError, Settings, compact
+
+    tables = ("flows", "packets", "sessions") if table == "all" else (table,)
+    settings = Settings(older_than=older_than * 3600, target_rows=target_rows, grace=grace,
+                        dry_run=dry_run)
+    try:
+        result = compact(data_dir, tables=tables, settings=settings)
+    except CompactError as e:
+        raise click.ClickException(str(e)) from e
+    verb = "would merge" if dry_run else "merged"
+    for part in result.compacted:
+        click.echo(f"{part.table}/{part.partition}: {verb} {part.files_in} files, {part.rows} rows"
+                   + ("" if dry_run else f" into {part.files_out}"))
+    published = sum(p.published for p in result.partitions)
+    deleted = sum(p.deleted for p in result.partitions)
+    click.echo(f"{len(result.compacted)} partition(s) {verb}; {published} file(s) published, "
+               f"{deleted} superseded file(s) deleted", err=True)
+
+
+@main.command("athena-ddl")
+@click.option("--location", default="s3://BUCKET/PREFIX", show_default=True, metavar="s3://...",
+              help="The dataset prefix (as given to --data).")
+@click.option("--database", default="collector", show_default=True, metavar="NAME",
+              help="The Glue/Athena database.")
+@click.option("--table-prefix", default="", metavar="TEXT",
+              help="Put before each table name (e.g. vpc_mirror_).")
+@click.option("--start-date", default="2026-01-01", show_default=True, metavar="YYYY-MM-DD",
+              help="First date of the date partition projection.")
+def athena_ddl_command(location, database, table_prefix, start_date) -> None:
+    """Print Athena/Glue CREATE EXTERNAL TABLE statements for flows, packets and sessions.
+
+    Partition projection on date and hour: no crawler and no MSCK REPAIR needed.
+
+    \b
+    Example:
+      collector athena-ddl --location s3://bucket/prefix --database mirror > tables.sql
+    """
+    from collector.athena import athena_ddl
+
+    try:
+        click.echo(athena_ddl(location, database=database, table_prefix=table_prefix,
+                              start_date=start_date), nl=False)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+
+
 @main.command("serve")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
               help="TOML settings (keys as the long options, e.g. flush_seconds = 5).")

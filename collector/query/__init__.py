@@ -55,6 +55,9 @@ def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:")
             has_inet = True
         except duckdb.Error:
             pass  # an extension that does not load leaves the string macro below
+    # The file list is made at each query, manifest-aware (compaction: collector/store/manifest.py)
+    con.create_function("collector_live_files", _live_files_of(root), ["VARCHAR"], "VARCHAR[]",
+                        side_effects=True)
     for table, schema in TABLES.items():
         con.execute(f"CREATE OR REPLACE VIEW {table} AS {_table_source(con, root, table, schema)}")
     con.execute(_CONVERSATIONS)
@@ -64,6 +67,14 @@ def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:")
     return con
 
 
+def _live_files_of(root):
+    """The `collector_live_files(table)` SQL function over `root` (manifests cached)."""
+    from collector.store.manifest import ManifestCache, live_files
+
+    cache = ManifestCache()
+    return lambda table: live_files(root, table, cache)
+
+
 def _quote(text: str) -> str:
     return text.replace("'", "''")
 
@@ -71,8 +82,9 @@ def _quote(text: str) -> str:
 def _table_source(con: duckdb.DuckDBPyConnection, root: Path, table: str, schema: pa.Schema) -> str:
     directory = root / table
     if any(directory.glob("date=*/hour=*/*.parquet")):
-        pattern = _quote(str(directory / "date=*" / "hour=*" / "*.parquet"))
-        return (f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
+        # not a glob: the live files of each partition by its manifest, listed when a query
+        # binds (so files written later are seen, and compaction never shows a row twice)
+        return (f"SELECT * FROM read_parquet(collector_live_files('{table}'), hive_partitioning = true, "
                 f"union_by_name = true, hive_types = {{'date': DATE, 'hour': INTEGER}})")
     # No file yet: an empty relation of the right types, so queries still bind. A connection
     # made now does not see files written later: reconnect (each `collector query` does).
