@@ -26,7 +26,7 @@ def s3_server(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("s3-server"))
     server.start()
     yield server
-    server.stop()
+    server.stop(kill=True)  # a graceful stop takes seconds; the data dir is thrown away
 
 
 @pytest.fixture
@@ -55,4 +55,4 @@ def s3_server_factory(tmp_path_factory):
 
     yield make
     for server in servers:
-        server.stop()
+        server.stop(kill=True)
