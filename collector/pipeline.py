@@ -5,6 +5,11 @@ The pipeline holds the flow table and the dataset writers. Its callers own the I
 input side (sockets, capture files) and the clock: `feed` takes receive slots with their
 timestamps, `tick(now_ns)` expires flows against the clock the caller trusts (the wall clock
 live, the capture's own clock offline).
+
+Two implementations of decode and flow metering sit behind it, with the same results: the
+compiled one (`collector.flows.fast`, on `collector._fastflow`) when it is built, and the
+pure-Python reference (`decode_batch`, `FlowTable`, `flows_batch`) otherwise or with
+COLLECTOR_PURE_PYTHON=1. `compiled` says which one this pipeline runs.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 
 from collector.decode import VXLAN_PORT, PacketBatch, decode_batch
 from collector.decode.batch import REASONS
-from collector.flows import FlowConfig, FlowTable
+from collector.flows import FlowConfig, FlowTable, fast
 from collector.flows.table import EndedFlow
 from collector.sessions import SessionRegistry
 from collector.store.rows import flows_batch, packets_batch, sessions_batch
@@ -49,7 +54,8 @@ class Pipeline:
             raise ValueError(f"packet_bytes must be >= 0, got {packet_bytes}")
         self.collector_id = collector_id
         self.registry = registry
-        self.flows = FlowTable(flow_config)
+        self.compiled = fast.available()
+        self.flows = fast.FastFlowTable(flow_config) if self.compiled else FlowTable(flow_config)
         self.counters = Counters()
         options = dict(collector_id=collector_id, writer_id=writer_id, max_rows=max_rows,
                        flush_seconds=flush_seconds)
@@ -62,10 +68,12 @@ class Pipeline:
             sessions.close()
 
     def feed(self, buf: np.ndarray, lengths: np.ndarray, ts_ns: np.ndarray,
-             port: int = VXLAN_PORT) -> PacketBatch:
+             port: int = VXLAN_PORT, *, present: np.ndarray | None = None) -> PacketBatch:
         """Decode and meter one batch of datagrams (row i of `buf`, lengths[i] bytes long,
-        received at ts_ns[i]); returns the decoded batch."""
-        batch = decode_batch(buf, lengths, port)
+        received at ts_ns[i]); returns the decoded batch. `present[i]`: the bytes of row i
+        that are the datagram's when fewer than its length (see `decode_batch`)."""
+        decode = fast.decode_batch if self.compiled else decode_batch
+        batch = decode(buf, lengths, port, present)
         self.feed_decoded(batch, ts_ns, buf, lengths)
         return batch
 
@@ -100,10 +108,14 @@ class Pipeline:
         if self.packet_writer is not None:
             self.packet_writer.close()
 
-    def _emit(self, ended: list[EndedFlow]) -> None:
-        if ended:
+    def _emit(self, ended: list[EndedFlow] | fast.EndedFlows) -> None:
+        if len(ended):
             self.counters.flows_exported += len(ended)
-            self.flow_writer.write(flows_batch(ended, self.registry, self.collector_id))
+            if isinstance(ended, fast.EndedFlows):
+                rows = ended.record_batch(self.registry, self.collector_id)
+            else:
+                rows = flows_batch(ended, self.registry, self.collector_id)
+            self.flow_writer.write(rows)
 
     def _count(self, batch: PacketBatch, lengths) -> None:
         c = self.counters

@@ -1,0 +1,260 @@
+"""The compiled path behind `Pipeline.feed`: batch decode and flow table in C
+(`collector._fastflow`), with the same results as the pure-Python reference.
+
+The references stay the specification: `collector.decode.batch.decode_batch` (and the
+per-packet `decode_datagram` behind it), `collector.flows.table.FlowTable` and
+`collector.store.rows.flows_batch`. This module gives the compiled versions the same shape:
+
+- `decode_batch(buf, lengths, port, present)` -> the same `PacketBatch`, column for column. Rows
+  the C code leaves (a negative cut, a length past the int32 columns) go through the
+  reference decoder.
+- `FastFlowTable(config)`: `add_batch`, `expire`, `drain` like `FlowTable`'s, but what they
+  return is an `EndedFlows`: the flows that ended, as columns, in the order the reference
+  ends them. `EndedFlows.record_batch(...)` is `flows_batch(...)` of the same flows without a
+  Python object per flow; `EndedFlows.flows()` gives the reference's `EndedFlow` objects (for
+  tests and tools).
+
+`available()` says whether the extension is built and not switched off
+(COLLECTOR_PURE_PYTHON=1).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import fields
+
+import numpy as np
+import pyarrow as pa
+
+from collector.compiled import extension
+from collector.decode.batch import _DTYPES, PacketBatch, _decode_one
+from collector.decode.batch import decode_batch as reference_decode_batch
+from collector.decode.datagram import GENEVE_PORT, VXLAN_GPE_PORT, VXLAN_PORT
+from collector.flows.table import END_REASONS, NS, EndedFlow, FlowConfig
+from collector.sessions import SessionRegistry
+from collector.store.schema import FLOWS
+
+_COLUMNS = tuple(spec.name for spec in fields(PacketBatch))
+_DTYPE_OF = tuple(np.dtype(_DTYPES[name]) for name in _COLUMNS)
+_PORTS = (VXLAN_PORT, VXLAN_GPE_PORT, GENEVE_PORT)
+_REASON_CODE = {reason: code for code, reason in enumerate(END_REASONS)}
+_END_REASON_TEXT = pa.array(END_REASONS, type=pa.string())
+
+
+def _load():
+    ext = extension("_fastflow")
+    if ext is None or not hasattr(ext, "FlowTable") or ext.COLUMNS != len(_COLUMNS):
+        return None
+    return ext
+
+
+_ext = _load()
+
+
+def available() -> bool:
+    """True when the compiled path is built and not switched off."""
+    return _ext is not None
+
+
+# -- decode --------------------------------------------------------------------------------
+
+
+def decode_batch(buf: np.ndarray, lengths, port: int = VXLAN_PORT, present=None) -> PacketBatch:
+    """`collector.decode.batch.decode_batch`, compiled: the same arguments, the same result."""
+    if _ext is None or port not in _PORTS:
+        return reference_decode_batch(buf, lengths, port, present)
+    if buf.ndim != 2 or buf.dtype != np.uint8:
+        raise ValueError("buf must be a 2-D uint8 array, one datagram per row")
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    n, width = buf.shape
+    if lengths.ndim != 1 or len(lengths) != n:
+        raise ValueError(f"{len(lengths)} lengths for {n} rows")
+    if buf.strides[1] != 1:
+        buf = np.ascontiguousarray(buf)
+    if present is not None:
+        present = np.ascontiguousarray(present, dtype=np.int64)
+    columns = tuple(np.empty(n, dtype=dtype) for dtype in _DTYPE_OF)
+    fallback = np.empty(n, dtype=np.uint8)
+    left = _ext.decode(buf, lengths, present, port, columns, fallback)
+    batch = PacketBatch(*columns)
+    if left:
+        cut = np.minimum(lengths, width) if present is None else np.minimum(
+            present, np.minimum(lengths, width))
+        for i in np.flatnonzero(fallback).tolist():
+            _decode_one(buf, lengths, cut, port, i, batch)
+    return batch
+
+
+def batch_columns(batch: PacketBatch) -> tuple:
+    """The columns of `batch` as the extension reads them (contiguous, of the batch dtypes)."""
+    return tuple(np.ascontiguousarray(getattr(batch, name), dtype=dtype)
+                 for name, dtype in zip(_COLUMNS, _DTYPE_OF))
+
+
+# -- flows ---------------------------------------------------------------------------------
+
+
+class EndedFlows:
+    """Flows that ended, as columns (the C table's `take()`), in the reference's order."""
+
+    _NAMES = ("vni", "vlan", "inner", "ethertype", "version", "proto", "sport", "dport",
+              "first_ns", "last_ns", "first_us", "last_us", "packets", "bytes", "captured",
+              "truncated", "rev_packets", "rev_bytes", "rev_captured", "rev_truncated", "flags",
+              "rev_flags", "reason", "src_ok", "dst_ok", "cid_ok")
+    _TYPES = ("i4", "i2", "i2", "i4", "i1", "i2", "i4", "i4", "i8", "i8", "i8", "i8", "i8", "i8",
+              "i8", "i8", "i8", "i8", "i8", "i8", "i2", "i2", "u1", "?", "?", "?")
+
+    def __init__(self, taken: tuple | None = None) -> None:
+        self.n = 0 if taken is None else taken[0]
+        if not self.n:
+            return
+        values = taken[1:]
+        for name, kind, raw in zip(self._NAMES, self._TYPES, values):
+            setattr(self, name, np.frombuffer(raw, dtype=kind))
+        rest = values[len(self._NAMES):]
+        self.src = np.frombuffer(rest[0], dtype=np.uint8).reshape(-1, 16)
+        self.dst = np.frombuffer(rest[1], dtype=np.uint8).reshape(-1, 16)
+        self._text_offsets = rest[2:5]
+        self._text_data = rest[5:8]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _strings(self, which: int, valid: np.ndarray) -> pa.Array:
+        bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
+        return pa.StringArray.from_buffers(
+            self.n, pa.py_buffer(self._text_offsets[which]), pa.py_buffer(self._text_data[which]),
+            bitmap, int(self.n - np.count_nonzero(valid)))
+
+    def _addr_text(self, which: int) -> pa.Array:
+        valid = self.src_ok if which == 0 else self.dst_ok
+        text = self._strings(which, valid)
+        # IPv4-mapped IPv6 addresses: Python's own text (it changed in 3.13)
+        raw = self.src if which == 0 else self.dst
+        mapped = valid & (self.version == 6) & ~raw[:, :10].any(axis=1) & (raw[:, 10] == 255) & (
+            raw[:, 11] == 255)
+        if mapped.any():
+            values = text.to_pylist()
+            for i in np.flatnonzero(mapped).tolist():
+                values[i] = str(ipaddress.ip_address(raw[i].tobytes()))
+            text = pa.array(values, type=pa.string())
+        return text
+
+    def _optional(self, values: np.ndarray) -> pa.Array:
+        return pa.array(values, mask=values < 0)
+
+    def record_batch(self, registry: SessionRegistry | None, collector_id: str) -> pa.RecordBatch:
+        """`collector.store.rows.flows_batch` of these flows."""
+        n = self.n
+        vnis, where = np.unique(self.vni, return_inverse=True)
+        session_ids, interfaces = [], []
+        for vni in vnis.tolist():
+            session = registry.lookup(vni) if registry and vni >= 0 else None
+            session_ids.append(session.session_id if session else None)
+            interfaces.append(session.network_interface_id if session else None)
+        where = pa.array(where.astype(np.int32))
+        timestamp = FLOWS.field("first_seen").type
+        columns = [
+            self._optional(self.vni),
+            pa.array(session_ids, type=pa.string()).take(where),
+            pa.array(interfaces, type=pa.string()).take(where),
+            pa.array([collector_id], type=pa.string()).take(pa.array(np.zeros(n, np.int32))),
+            self._optional(self.vlan),
+            self._optional(self.inner),
+            self._optional(self.ethertype),
+            self._optional(self.version),
+            self._optional(self.proto),
+            self._addr_text(0),
+            self._addr_text(1),
+            self._optional(self.sport),
+            self._optional(self.dport),
+            pa.array(self.first_us).view(timestamp),
+            pa.array(self.last_us).view(timestamp),
+            pa.array(self.packets),
+            pa.array(self.bytes),
+            pa.array(self.rev_packets),
+            pa.array(self.rev_bytes),
+            pa.array(self.captured),
+            pa.array(self.rev_captured),
+            pa.array(self.truncated),
+            pa.array(self.rev_truncated),
+            pa.array(self.flags),
+            pa.array(self.rev_flags),
+            _END_REASON_TEXT.take(pa.array(self.reason)),
+            self._strings(2, self.cid_ok),
+        ]
+        return pa.RecordBatch.from_arrays(columns, schema=FLOWS)
+
+    def flows(self) -> list[EndedFlow]:
+        """The reference's `EndedFlow` objects, in order."""
+        if not self.n:
+            return []
+
+        def opt(values):
+            return [None if v < 0 else v for v in values.tolist()]
+
+        def addresses(raw, ok):
+            return [None if not present else bytes(row[12:]) if v == 4 else bytes(row)
+                    for row, present, v in zip(raw, ok.tolist(), self.version.tolist())]
+
+        columns = [opt(self.vni), opt(self.vlan), opt(self.inner), opt(self.ethertype),
+                   opt(self.version), opt(self.proto), addresses(self.src, self.src_ok),
+                   addresses(self.dst, self.dst_ok), opt(self.sport), opt(self.dport),
+                   self.first_ns.tolist(), self.last_ns.tolist(), self.packets.tolist(),
+                   self.bytes.tolist(), self.captured.tolist(), self.truncated.tolist(),
+                   self.flags.tolist(), self.rev_packets.tolist(), self.rev_bytes.tolist(),
+                   self.rev_captured.tolist(), self.rev_truncated.tolist(),
+                   self.rev_flags.tolist(), [END_REASONS[r] for r in self.reason.tolist()]]
+        return [EndedFlow(*values) for values in zip(*columns)]
+
+
+class FastFlowTable:
+    """`collector.flows.table.FlowTable` with its state in C; its methods return `EndedFlows`."""
+
+    def __init__(self, config: FlowConfig | None = None) -> None:
+        if _ext is None:
+            raise RuntimeError("collector._fastflow is not available")
+        self.config = config or FlowConfig()
+        c = self.config
+        # the same integer nanoseconds the reference computes
+        self._table = _ext.FlowTable(
+            int(c.idle_timeout * NS), int(c.active_timeout * NS), int(c.close_linger * NS),
+            int(c.fragment_timeout * NS), c.max_flows, c.max_fragments)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    @property
+    def packets(self) -> int:
+        return self._table.stats()[0]
+
+    @property
+    def exported(self) -> dict[str, int]:
+        return dict(zip(END_REASONS, self._table.stats()[1]))
+
+    @property
+    def evicted(self) -> int:
+        return self.exported["evicted"]
+
+    def memory(self) -> int:
+        """Bytes the C table holds (records, index, heap, fragments, pending rows)."""
+        return self._table.memory()
+
+    def _take(self, ended: int) -> EndedFlows:
+        return EndedFlows(self._table.take()) if ended else EndedFlows()
+
+    def add_batch(self, batch: PacketBatch, ts_ns) -> EndedFlows:
+        """Meter the decoded rows of `batch`, row i seen at ts_ns[i]."""
+        ts = np.ascontiguousarray(ts_ns, dtype=np.int64)
+        if len(ts) != len(batch):
+            raise ValueError(f"{len(ts)} timestamps for {len(batch)} rows")
+        return self._take(self._table.add_batch(batch_columns(batch), ts))
+
+    def expire(self, now_ns: int) -> EndedFlows:
+        return self._take(self._table.expire(int(now_ns)))
+
+    def drain(self, reason: str = "shutdown") -> EndedFlows:
+        return self._take(self._table.drain(_REASON_CODE[reason]))
+
+
+__all__ = ["EndedFlows", "FastFlowTable", "available", "batch_columns", "decode_batch"]
