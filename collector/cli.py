@@ -233,8 +233,8 @@ def ingest_command(captures, data_dir, session_files, vni, collector_id, idle_ti
 
 @main.command("query")
 @click.argument("sql")
-@click.option("--data", "data_dir", default="data", show_default=True, metavar="DIR",
-              type=click.Path(file_okay=False), help="The dataset to query.")
+@click.option("--data", "data_dir", default="data", show_default=True, metavar="DIR|s3://...",
+              type=click.Path(file_okay=False), help="The dataset to query: a directory or s3://bucket/prefix.")
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json", "parquet"]),
               default="table", show_default=True, help="How to write the result.")
 @click.option("--output", metavar="FILE", help="Write to FILE instead of standard output.")
@@ -338,7 +338,16 @@ def athena_ddl_command(location, database, table_prefix, start_date) -> None:
               help="GENEVE listener (GWLB), or 'off'.  [default: 0.0.0.0:6081]")
 @click.option("--health", metavar="HOST:PORT",
               help="HTTP /healthz and /metrics (also a TCP health check).  [default: 0.0.0.0:8080]")
-@click.option("--data", metavar="DIR", help="Dataset directory.  [default: data]")
+@click.option("--data", metavar="DIR|s3://...",
+              help="Dataset directory, or s3://bucket/prefix (files pass through --spool).  [default: data]")
+@click.option("--spool", metavar="DIR",
+              help="With --data s3://...: where files wait to upload.  [default: spool-<collector id>]")
+@click.option("--spool-max-files", metavar="N",
+              help="Unhealthy past N files waiting to upload.  [default: 100000]")
+@click.option("--spool-max-bytes", metavar="BYTES",
+              help="Unhealthy past this many bytes waiting to upload (K/M/G).  [default: 8G]")
+@click.option("--store-unhealthy-after", metavar="S",
+              help="Unhealthy when uploads have failed for S seconds.  [default: 60]")
 @click.option("--sessions", multiple=True, metavar="FILE",
               help="AWS CLI JSON naming the sessions; repeat for more. Reloaded on SIGHUP.")
 @click.option("--workers", metavar="N", help="Receive processes.  [default: one per core]")
@@ -355,6 +364,8 @@ def athena_ddl_command(location, database, table_prefix, start_date) -> None:
 @click.option("--batch", metavar="N", help="Datagrams received per batch.  [default: 1024]")
 @click.option("--health-stale", metavar="S",
               help="Unhealthy when a worker's loop is older than this.  [default: 5]")
+@click.option("--max-pending-bytes", metavar="BYTES",
+              help="Per worker: unwritten rows kept while the disk fails (K/M/G).  [default: 256M]")
 @click.option("--control/--no-control", default=None,
               help="Accept POST /flush on the health port (tests and tools; not for production).")
 @click.option("--check", is_flag=True,

@@ -43,6 +43,13 @@ class ServeConfig:
     geneve_listen: Address | None = Address("0.0.0.0", 6081)  # GENEVE (GWLB); None: off
     health: Address = Address("0.0.0.0", 8080)  # HTTP /healthz and /metrics
     data: Path = Path("data")
+    # `data = "s3://bucket/prefix"` sets `store`, and `data` becomes the spool: files are
+    # completed there, then uploaded (collector/store/objectstore.py, docs/object-store.md)
+    store: str | None = field(default=None, metadata={"derived": True})
+    spool: Path | None = None  # with a store; default ./spool-<collector_id>
+    spool_max_files: int = 100_000  # unhealthy past this many files waiting to upload
+    spool_max_bytes: int = 8 << 30  # ... or this many bytes
+    store_unhealthy_after: float = 60.0  # unhealthy when uploads failed for this long
     sessions: tuple[Path, ...] = ()
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     flush_seconds: float = 10.0
@@ -59,6 +66,10 @@ class ServeConfig:
     health_stale: float = 5.0  # a worker loop older than this is unhealthy
     log_format: str = "text"
     control: bool = False  # POST /flush on the health port: for tests and tools, not production
+    # Per worker and table: rows that could not be written (disk full, read-only) wait in
+    # memory up to this many bytes; past it the oldest are dropped and counted
+    # (collector_rows_dropped_total).
+    max_pending_bytes: int = 256 * 1024 * 1024
 
     @property
     def slot_bytes(self) -> int:
@@ -208,7 +219,11 @@ _CONVERT = {
     "listen": parse_address,
     "geneve_listen": _optional_address,
     "health": parse_address,
-    "data": Path,
+    "data": lambda value: _store_url(value) if str(value).startswith("s3://") else Path(value),
+    "spool": Path,
+    "spool_max_files": _positive(_integer),
+    "spool_max_bytes": _positive(_size),
+    "store_unhealthy_after": _positive(float),
     "sessions": _paths,
     "workers": _bounded(_positive(_integer), MAX_WORKERS),
     "flush_seconds": _positive(float),
@@ -225,9 +240,10 @@ _CONVERT = {
     "health_stale": _positive(float),
     "log_format": _choice("text", "json"),
     "control": _bool,
+    "max_pending_bytes": _positive(_size),
 }
 ENV_PREFIX = "COLLECTOR_"
-KEYS = tuple(f.name for f in fields(ServeConfig))
+KEYS = tuple(f.name for f in fields(ServeConfig) if not f.metadata.get("derived"))
 
 
 def load(config_file: str | os.PathLike | None = None, env: dict | None = None,
@@ -240,7 +256,22 @@ def load(config_file: str | os.PathLike | None = None, env: dict | None = None,
     from_env = {key: env[ENV_PREFIX + key.upper()] for key in KEYS if ENV_PREFIX + key.upper() in env}
     config = _apply(config, from_env, "environment", prefix=ENV_PREFIX)
     given = {key: value for key, value in (flags or {}).items() if value not in (None, ())}
-    return _apply(config, given, "command line", prefix="--")
+    return _with_store(_apply(config, given, "command line", prefix="--"))
+
+
+def _store_url(value) -> str:
+    from collector.store.objectstore import StoreURL
+
+    return str(StoreURL.parse(str(value)))  # StoreURLError is a ValueError: named by _apply
+
+
+def _with_store(config: ServeConfig) -> ServeConfig:
+    """`data` an s3:// URL: the URL moves to `store`, and `data` (where workers write) is the
+    spool."""
+    if not isinstance(config.data, str):
+        return config
+    spool = config.spool or Path(f"spool-{config.collector_id}")
+    return replace(config, store=config.data, data=spool)
 
 
 def _read_toml(path: Path) -> dict:

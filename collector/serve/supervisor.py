@@ -30,7 +30,7 @@ from collector.serve.worker import Listener, Snapshot, Worker
 from collector.decode import GENEVE_PORT, VXLAN_PORT
 from collector.sessions import SessionRegistry, SessionsError
 from collector.store.rows import sessions_batch
-from collector.store.writer import DatasetWriter
+from collector.store.writer import DatasetWriter, remove_stale_temporaries
 
 log = logging.getLogger("collector.serve")
 _CONTEXT = multiprocessing.get_context("spawn")  # no fork of a threaded process
@@ -48,17 +48,38 @@ def _worker_main(index: int, config: ServeConfig, conn, registry: SessionRegistr
         listeners.append(Listener("geneve", GENEVE_PORT,
                                   open_listener(config.geneve_listen, config.rcvbuf)[0]))
     # The supervisor's map is the one in force: not the files, which may have changed since.
+    _stop_with_parent()
+    worker: Worker | None = None
 
     def report(snapshot: Snapshot) -> None:
         try:
             conn.send(snapshot)
         except (BrokenPipeError, OSError):
-            os._exit(0)  # the supervisor is gone: nobody to serve health; systemd restarts us
+            # The supervisor is gone (killed): nobody serves health any more. Stop as on
+            # SIGTERM, writing every flow held; systemd restarts the service.
+            if worker is not None:
+                worker.stop = True
 
     def inbox() -> SessionRegistry | None:
         return conn.recv() if conn.poll() else None
 
-    raise SystemExit(Worker(index, config, listeners, registry, report, inbox).run())
+    worker = Worker(index, config, listeners, registry, report, inbox)
+    raise SystemExit(worker.run())
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM this worker when the supervisor dies (even by SIGKILL): the worker then drains,
+    exports and writes what it holds instead of receiving with nobody to report to."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the next report's broken pipe stops the worker instead
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Supervisor:
@@ -77,6 +98,7 @@ class Supervisor:
         self.http: HealthServer | None = None
         self._pipe_lock = threading.Lock()  # the HTTP thread (flush) and the main loop send
         self._flush_seq = 0
+        self.uploader = None  # with --data s3://...: the spool's Uploader (objectstore.py)
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -95,6 +117,7 @@ class Supervisor:
         problem = self._write_probe()
         if problem:
             raise StartupError(f"data directory {config.data} is not writable: {problem}")
+        self._remove_stale_temporaries()
         udp = [("--listen", config.listen)]
         if config.geneve_listen is not None:
             udp.append(("--geneve-listen", config.geneve_listen))
@@ -128,10 +151,20 @@ class Supervisor:
                         "`sysctl -w net.core.rmem_max=%d` or run with CAP_NET_ADMIN",
                         granted, self.config.rcvbuf, self.config.rcvbuf)
 
+    def _remove_stale_temporaries(self, writer_id: str | None = None) -> None:
+        """Temporaries that our writers (a worker's, or all of them at start) left when they
+        were killed mid-write: invisible to readers, but their space is reclaimed here."""
+        removed = remove_stale_temporaries(self.config.data, self.config.collector_id, writer_id)
+        if removed:
+            log.warning("removed %d temporary file(s) left by a killed writer in %s",
+                        len(removed), self.config.data)
+
     def _write_probe(self) -> str | None:
-        """None when a file can be created in the data directory, else why not."""
-        probe = self.config.data / f".probe-{uuid.uuid4().hex}"
+        """None when a file can be created in the data directory, else why not. A data
+        directory deleted while running is made again, as the writers' next flush would."""
+        probe = self.config.data / f".probe-{self.config.collector_id}-{uuid.uuid4().hex}"
         try:
+            self.config.data.mkdir(parents=True, exist_ok=True)
             with open(probe, "xb") as f:
                 f.write(b"ok")
             probe.unlink()
@@ -148,6 +181,7 @@ class Supervisor:
                                      self.flush if self.config.control else None)
         except OSError as err:
             raise StartupError(f"--health TCP {self.config.health}: {err.strerror or err}") from None
+        self._start_uploader()
         self._store_sessions()
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
@@ -201,6 +235,7 @@ class Supervisor:
                 log.error("worker %d (pid %s) exited with %s: restarting it", index,
                           process.pid, process.exitcode)
                 self.pipes[index].close()
+                self._remove_stale_temporaries(f"w{index}")
                 self._spawn(index)
 
     def _shutdown(self) -> int:
@@ -223,6 +258,8 @@ class Supervisor:
                 log.error("worker %d exited with %s", index, process.exitcode)
                 code = 1
         self._read_reports(timeout=0)
+        if self.uploader is not None:  # the workers' last files, within its own timeout
+            self.uploader.stop(self.config.shutdown_timeout)
         if self.http is not None:
             self.http.stop()
         totals = self.totals()
@@ -246,6 +283,10 @@ class Supervisor:
         except SessionsError as err:
             self.reload_errors += 1
             log.error("SIGHUP: sessions reload failed, keeping the old map: %s", err)
+            return
+        if self.registry is not None and list(registry) == list(self.registry):
+            # A storm of SIGHUPs (or a reload with nothing new) writes no sessions file
+            log.info("SIGHUP: %d sessions loaded, unchanged", len(registry))
             return
         self.registry = registry
         self._store_sessions()
@@ -275,6 +316,25 @@ class Supervisor:
             time.sleep(0.02)
         return False, {"flushed": seq, "error": f"not every worker flushed within {timeout} s"}
 
+    def _start_uploader(self) -> None:
+        """With an object store: upload the spool (`config.data`) to it, from a thread."""
+        if self.config.store is None:
+            return
+        from collector.store.objectstore import StoreURLError, Uploader, aws_settings
+
+        try:
+            settings = aws_settings()
+        except StoreURLError as err:
+            raise StartupError(str(err)) from None
+        config = self.config
+        self.uploader = Uploader(config.data, config.store, max_files=config.spool_max_files,
+                                 max_bytes=config.spool_max_bytes,
+                                 unhealthy_after=config.store_unhealthy_after)
+        log.info("object store %s (endpoint %s, region %s, credentials from %s); spool %s",
+                 config.store, settings.endpoint or "AWS", settings.region or "SDK default",
+                 settings.credentials_source, config.data)
+        self.uploader.start()
+
     def _store_sessions(self) -> None:
         if not self.registry:
             return
@@ -290,13 +350,14 @@ class Supervisor:
 
     def health(self) -> tuple[bool, dict]:
         now = time.time()
+        monotonic = time.monotonic()  # system-wide: comparable with the workers' reports
         reasons = []
         workers = []
         for index in range(self.config.workers):
             snapshot = self.snapshots.get(index)
             process = self.processes.get(index)
             alive = process is not None and process.is_alive()
-            age = None if snapshot is None else now - snapshot.loop_at
+            age = None if snapshot is None else monotonic - snapshot.loop_monotonic
             workers.append({"worker": index, "alive": alive,
                             "loop_age_seconds": None if age is None else round(age, 3)})
             if not alive:
@@ -309,16 +370,19 @@ class Supervisor:
             elif age > self.config.health_stale:
                 reasons.append(f"worker {index} receive loop last ran {age:.1f} s ago")
             elif snapshot.flush_error:
-                reasons.append(f"worker {index} last flush failed: {snapshot.flush_error}")
-        writable = self._writable_cached(now)
+                reasons.append(f"disk: worker {index} last flush failed: {snapshot.flush_error}; "
+                               f"{snapshot.rows_pending} rows wait in memory")
+        writable = self._writable_cached(monotonic)
         if writable:
-            reasons.append(f"data directory {self.config.data} is not writable: {writable}")
+            reasons.append(f"disk: data directory {self.config.data} is not writable: {writable}")
         try:
             free = shutil.disk_usage(self.config.data).free
         except OSError:
             free = 0
         if free < self.config.min_free:
-            reasons.append(f"free space {free} bytes below --min-free {self.config.min_free}")
+            reasons.append(f"disk: free space {free} bytes below --min-free {self.config.min_free}")
+        if self.uploader is not None:
+            reasons.extend(self.uploader.health_reasons())
         if self.stopping:
             reasons.append("shutting down")
         ok = not reasons
@@ -338,10 +402,12 @@ class Supervisor:
         alive = sum(1 for i, s in self.snapshots.items()
                     if self.processes.get(i) is not None and self.processes[i].is_alive()
                     and self.processes[i].pid == s.pid
-                    and time.time() - s.loop_at <= self.config.health_stale)
+                    and time.monotonic() - s.loop_monotonic <= self.config.health_stale)
         extra = {"sessions": names, "proc_drops": self._proc_drops(),
                  "healthy": self.health()[0], "retired": list(self.retired),
                  "workers_up": alive, "reload_errors": self.reload_errors}
+        if self.uploader is not None:
+            extra["store"] = self.uploader.metrics()
         return snapshots, extra
 
     def _proc_drops(self) -> dict[int, int]:

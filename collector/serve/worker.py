@@ -6,6 +6,12 @@ which serves /metrics and /healthz from them. SIGTERM/SIGINT: stop receiving, dr
 sockets already hold, export every flow (`shutdown`), write everything, exit 0. A new sessions
 map comes from the supervisor (which loaded and checked it on SIGHUP) through `inbox`, so that
 every worker uses the same map.
+
+Clocks. Datagrams carry the kernel's receive time (SO_TIMESTAMPNS, the wall clock), and flows
+keep those times; flows expire against the same clock (`ExpiryClock`), carried forward between
+datagrams by the monotonic clock. File flushes and health ages use the monotonic clock only.
+When the wall clock steps (set by hand, NTP stepping, a VM resumed), every active flow is
+exported at once (end_reason 'flush') so that no row mixes times from both sides of the step.
 """
 
 from __future__ import annotations
@@ -29,6 +35,40 @@ from collector.sessions import SessionRegistry
 log = logging.getLogger("collector.serve")
 POLL_MS = 200  # the loop runs at least this often without traffic: expiry, flushes, heartbeat
 REPORT_SECONDS = 1.0
+# The wall clock moving this much against the monotonic clock between two loop passes is a
+# step: NTP slews at most 500 ppm (0.5 ms per second), never a second.
+STEP_NS = 1_000_000_000
+
+
+class ExpiryClock:
+    """The "now" flows expire against: the receive timestamps' clock. Anchored at the newest
+    timestamp of the last batch received and carried forward by the monotonic clock, so that
+    expiry compares like with like (kernel stamps with kernel stamps) and does not drift when
+    no datagram comes. `step` tells a wall-clock step, seen as the wall clock moving against
+    the monotonic one; after a step the anchor is dropped until the next datagram."""
+
+    def __init__(self, step_ns: int = STEP_NS) -> None:
+        self.step_ns = step_ns
+        self._anchor: tuple[int, int] | None = None  # (receive time ns, monotonic ns)
+        self._offset: int | None = None  # wall - monotonic at the last `step`
+
+    def received(self, newest_ns: int, monotonic_ns: int) -> None:
+        self._anchor = (newest_ns, monotonic_ns)
+
+    def now(self, wall_ns: int, monotonic_ns: int) -> int:
+        if self._anchor is None:
+            return wall_ns
+        stamp, at = self._anchor
+        return stamp + (monotonic_ns - at)
+
+    def step(self, wall_ns: int, monotonic_ns: int) -> int:
+        """The wall clock's step since the last call, in ns (negative: backwards); 0: none."""
+        offset = wall_ns - monotonic_ns
+        previous, self._offset = self._offset, offset
+        if previous is None or abs(offset - previous) < self.step_ns:
+            return 0
+        self._anchor = None
+        return offset - previous
 
 
 @dataclass
@@ -45,6 +85,7 @@ class Snapshot:
     worker: int
     pid: int
     loop_at: float  # time.time() of the last loop pass
+    loop_monotonic: float = 0.0  # time.monotonic() of it: ages survive wall-clock steps
     datagrams: dict = field(default_factory=dict)  # listener -> datagrams
     bytes: dict = field(default_factory=dict)  # listener -> bytes
     kernel_drops: dict = field(default_factory=dict)  # listener -> SO_RXQ_OVFL count
@@ -60,6 +101,9 @@ class Snapshot:
     rows_written: int = 0
     flush_seconds: float = 0.0
     flush_error: str | None = None
+    rows_pending: int = 0  # rows waiting in memory for a write that works
+    rows_dropped: dict = field(default_factory=dict)  # (table, reason) -> rows dropped
+    clock_steps: int = 0
     sessions_loaded: int = 0
     stopping: bool = False
     flushed: int = 0  # the last flush request (POST /flush) this worker completed
@@ -80,6 +124,11 @@ class Worker:
             flush_seconds=config.flush_seconds, packets=config.packets,
             packet_bytes=config.packet_bytes)
         self.pipeline.registry = registry  # sessions are stored once, by the supervisor
+        for writer in self._writers():
+            writer.max_pending_bytes = config.max_pending_bytes
+        self.clock = ExpiryClock()
+        self.clock_steps = 0
+        self._dropped_seen = 0
         self.receivers = {l.name: Receiver(l.sock, config.batch, config.slot_bytes)
                           for l in listeners}
         self.stop = False
@@ -119,6 +168,10 @@ class Worker:
                 self.report(self.snapshot())
                 next_report = time.monotonic() + REPORT_SECONDS
         self._drain()
+        dropped = sum(w.stats.dropped_rows for w in self._writers())
+        if dropped:
+            log.error("worker %d: %d rows were dropped in all (writing to %s failed while more "
+                      "than max_pending_bytes waited)", self.index, dropped, self.config.data)
         if self.flush_error:
             log.error("worker %d: stopped with rows not written to %s: %s", self.index,
                       self.config.data, self.flush_error)
@@ -132,6 +185,7 @@ class Worker:
             rows = receiver.receive(time.time_ns())
             if rows == 0:
                 return
+            self.clock.received(int(receiver.ts[:rows].max()), time.monotonic_ns())
             self._guard(self.pipeline.feed, receiver.buf[:rows], receiver.lengths[:rows],
                         receiver.ts[:rows], listener.port)
             self._warn_malformed(listener.name)
@@ -148,7 +202,18 @@ class Worker:
             self._malformed_seen = total
 
     def _tick(self) -> None:
-        self._guard(self.pipeline.tick, time.time_ns())
+        wall, monotonic = time.time_ns(), time.monotonic_ns()
+        step = self.clock.step(wall, monotonic)
+        if step:
+            self.clock_steps += 1
+            log.warning("worker %d: the wall clock stepped %+.3f s: exporting every active flow "
+                        "(end_reason flush) so that no flow mixes times from both sides",
+                        self.index, step / 1e9)
+            self._guard(self.pipeline.flush)
+        self._guard(self.pipeline.tick, self.clock.now(wall, monotonic))
+
+    def _writers(self):
+        return [w for w in (self.pipeline.flow_writer, self.pipeline.packet_writer) if w]
 
     def _guard(self, action, *args) -> None:
         """Run a pipeline step. A write error (disk full, directory gone) leaves the rows
@@ -158,14 +223,24 @@ class Worker:
             action(*args)
         except OSError:
             pass  # the writer has kept the rows and recorded the error
-        writers = (self.pipeline.flow_writer, self.pipeline.packet_writer)
-        error = next((w.stats.last_error for w in writers if w and w.stats.last_error), None)
+        writers = self._writers()
+        error = next((w.stats.last_error for w in writers if w.stats.last_error), None)
         if error and not self.flush_error:
             log.error("worker %d: writing to %s failed, rows kept for the next flush: %s",
                       self.index, self.config.data, error)
         elif self.flush_error and not error:
             log.info("worker %d: writing to %s works again", self.index, self.config.data)
         self.flush_error = error
+        dropped = sum(w.stats.dropped_rows for w in writers)
+        if dropped > self._dropped_seen:
+            self._warn.warning("dropped", "worker %d: %d rows dropped so far: writing to %s "
+                               "fails (%s) and the rows waiting passed max_pending_bytes (%d)",
+                               self.index, dropped, self.config.data, error or "recovered",
+                               self.config.max_pending_bytes)
+            self._dropped_seen = dropped
+        for writer in writers:
+            # The serve loop runs for months: it never needs the list of files written.
+            writer.stats.paths.clear()
 
     def _drain(self) -> None:
         """Receive what the sockets already hold, then export and write everything."""
@@ -190,8 +265,14 @@ class Worker:
     def snapshot(self) -> Snapshot:
         c, flows = self.pipeline.counters, self.pipeline.flows
         stats = self.pipeline.flow_writer.stats
+        writers = self._writers()
         return Snapshot(
             worker=self.index, pid=os.getpid(), loop_at=time.time(),
+            loop_monotonic=time.monotonic(),
+            rows_pending=sum(w.pending_rows for w in writers),
+            rows_dropped={(w.table, reason): rows for w in writers
+                          for reason, rows in w.stats.dropped.items()},
+            clock_steps=self.clock_steps,
             datagrams={n: r.datagrams for n, r in self.receivers.items()},
             bytes={n: r.bytes for n, r in self.receivers.items()},
             kernel_drops={n: r.kernel_drops for n, r in self.receivers.items()},
