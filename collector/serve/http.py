@@ -2,30 +2,81 @@
 
 `GET /healthz`: 200 or 503 with a JSON body saying why. An NLB TCP health check (a bare
 connect) also works on the same port. `GET /metrics`: Prometheus text exposition.
+`POST /flush` only with `--control`.
+
+The port is reachable by whatever can reach the appliance, so the listener is read-only and
+bounded (docs/robustness.md, Security): GET and HEAD of its paths only (any other method on
+them is 405, any other path 404); the request head (request line and headers) at most
+`MAX_HEAD` bytes, received within `HEAD_TIMEOUT` seconds in all (a client that drips one byte
+at a time is cut off at the deadline, not at a per-read timeout it keeps resetting); a
+request body is never read; at most `MAX_CONNECTIONS` connections served at once (more are
+closed at accept); one request per connection (`Connection: close`), so an idle keep-alive
+holds no thread.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import socket
 import threading
+import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+MAX_HEAD = 8192  # bytes of request line + headers: a Prometheus scrape sends ~250
+HEAD_TIMEOUT = 5.0  # seconds to receive the whole request head
+WRITE_TIMEOUT = 10.0  # seconds for a client to take the response
+MAX_CONNECTIONS = 32  # served at once; health checks and scrapes need a handful
+HEALTH_PATHS = ("/healthz", "/health", "/")
+METRICS_PATH = "/metrics"
+FLUSH_PATH = "/flush"
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` of them: past that, a new
+    connection is closed at once (the client sees a reset, the health check a failure)."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address, handler, family: int, max_connections: int) -> None:
+        self.address_family = family  # per instance: the class attribute is shared
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
 
 class HealthServer:
     """Serves `health()` -> (ok, body dict) and `snapshots()` -> list of worker Snapshots."""
 
-    def __init__(self, address, health, metrics_source, flush=None) -> None:
+    def __init__(self, address, health, metrics_source, flush=None, *,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Metrics(metrics_source))
         handler = type("Handler", (_Handler,), {"health": staticmethod(health),
                                                 "registry": registry,
                                                 "flush": staticmethod(flush) if flush else None})
-        ThreadingHTTPServer.address_family = address.family
-        self.server = ThreadingHTTPServer((address.host, address.port), handler)
-        self.server.daemon_threads = True
+        self.server = _BoundedServer((address.host, address.port), handler, address.family,
+                                     max_connections)
         self.thread = threading.Thread(target=self.server.serve_forever, name="health",
                                        daemon=True)
 
@@ -47,32 +98,110 @@ class _Handler(BaseHTTPRequestHandler):
     flush = None  # POST /flush, only with --control
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+    def version_string(self) -> str:  # the Server header: no Python version for scanners
+        return "collector"
+    timeout = WRITE_TIMEOUT  # the socket timeout; the head has its own overall deadline
+
+    def handle(self) -> None:
+        """One request, then close."""
+        self.close_connection = True
+        head = self._read_head()
+        if head is None:
+            return
+        # The stdlib parses the head (request line, version, headers) from memory: it never
+        # reads the socket, so its own limits (64 KiB lines, 100 headers) are not the bound.
+        self.raw_requestline, _, rest = head.partition(b"\n")
+        self.raw_requestline += b"\n"
+        real_rfile, self.rfile = self.rfile, io.BytesIO(rest)
+        try:
+            if not self.parse_request():
+                return  # parse_request sent the 400/505 itself
+        finally:
+            self.rfile = real_rfile
+        self.close_connection = True
+        self._dispatch()
+        self.wfile.flush()
+
+    def _read_head(self) -> bytes | None:
+        """The request head, up to and including its blank line, or None after answering
+        (431 too large, 408 too slow) or when the client sent nothing."""
+        sock, data = self.connection, b""
+        deadline = time.monotonic() + HEAD_TIMEOUT
+        while True:
+            # the blank line ending the head; bare LF line ends are tolerated, as the stdlib does
+            ends = [at + len(mark) for mark in (b"\r\n\r\n", b"\n\n") if (at := data.find(mark)) >= 0]
+            end = min(ends, default=-1)
+            if 0 <= end <= MAX_HEAD:
+                return data[:end]
+            if len(data) > MAX_HEAD:
+                self._refuse(431, "request head larger than %d bytes" % MAX_HEAD)
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if data:
+                    self._refuse(408, "request head not received within %g s" % HEAD_TIMEOUT)
+                return None
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(MAX_HEAD + 1 - len(data))
+            except (TimeoutError, socket.timeout):
+                continue  # the loop sees the deadline
+            except OSError:
+                return None
+            if not chunk:
+                return None  # closed: an NLB TCP health check, or a client giving up
+            data += chunk
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self.request_version, self.command, self.requestline = "HTTP/1.1", "", ""
+        try:
+            self.connection.settimeout(WRITE_TIMEOUT)
+            self._send(status, "text/plain", (reason + "\n").encode())
+        except OSError:
+            pass
+
+    def _dispatch(self) -> None:
         path = self.path.split("?")[0]
-        if path in ("/healthz", "/health", "/"):
-            ok, body = self.health()
-            self._send(200 if ok else 503, "application/json",
-                       (json.dumps(body, indent=1) + "\n").encode())
-        elif path == "/metrics":
-            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
+        method = self.command
+        if path in HEALTH_PATHS or path == METRICS_PATH:
+            if method not in ("GET", "HEAD"):
+                self._send(405, "text/plain", b"method not allowed: GET or HEAD\n",
+                           allow="GET, HEAD")
+            elif path == METRICS_PATH:
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
+            else:
+                ok, body = self.health()
+                self._send(200 if ok else 503, "application/json",
+                           (json.dumps(body, indent=1) + "\n").encode())
+        elif path == FLUSH_PATH and self.flush is not None:
+            if method != "POST":
+                self._send(405, "text/plain", b"method not allowed: POST\n", allow="POST")
+            else:
+                ok, body = self.flush()
+                self._send(200 if ok else 504, "application/json", (json.dumps(body) + "\n").encode())
+        elif path == FLUSH_PATH:
+            self._send(404, "text/plain", b"not found: POST /flush needs collector serve --control\n")
         else:
             self._send(404, "text/plain", b"not found: try /healthz or /metrics\n")
 
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
-        if self.path.split("?")[0] != "/flush":
-            self._send(404, "text/plain", b"not found\n")
-        elif self.flush is None:
-            self._send(403, "text/plain", b"POST /flush needs collector serve --control\n")
-        else:
-            ok, body = self.flush()
-            self._send(200 if ok else 504, "application/json", (json.dumps(body) + "\n").encode())
-
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
+    def _send(self, status: int, content_type: str, body: bytes, allow: str | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        if allow:
+            self.send_header("Allow", allow)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None) -> None:
+        """parse_request's errors (400, 505...): a status line always (even for a request line
+        too garbled to have a version), and the status phrase only: no page echoing the request."""
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"
+        phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "error"
+        self._send(code, "text/plain", f"{code} {phrase}\n".encode())
 
     def log_message(self, format, *args) -> None:  # health checks every few seconds: quiet
         pass
@@ -138,6 +267,25 @@ class _Metrics:
                                   value=extra.get("reload_errors", 0))
         yield GaugeMetricFamily("collector_healthy", "1 when /healthz answers 200",
                                 value=1 if extra.get("healthy") else 0)
+        yield from self._store(extra.get("store"))
+
+    @staticmethod
+    def _store(store: dict | None):
+        """The spool and its uploads, with --data s3://... (collector/store/objectstore.py)."""
+        if store is None:
+            return
+        yield GaugeMetricFamily("collector_spool_files", "completed files waiting to upload",
+                                value=store["spool_files"])
+        yield GaugeMetricFamily("collector_spool_bytes", "bytes of the files waiting to upload",
+                                value=store["spool_bytes"])
+        yield CounterMetricFamily("collector_files_uploaded", "files uploaded to the object store",
+                                  value=store["files_uploaded"])
+        yield CounterMetricFamily("collector_bytes_uploaded", "bytes uploaded to the object store",
+                                  value=store["bytes_uploaded"])
+        yield CounterMetricFamily("collector_upload_failures", "file uploads that failed (retried)",
+                                  value=store["upload_failures"])
+        yield GaugeMetricFamily("collector_store_reachable", "0 while uploads fail",
+                                value=store["store_reachable"])
 
     @staticmethod
     def _sessions(snapshots, names: dict):
