@@ -44,7 +44,12 @@ def inet_extension_path() -> Path | None:
 
 
 def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection over the dataset in `data_dir` (which may be empty or absent)."""
+    """A DuckDB connection over the dataset in `data_dir` (which may be empty or absent), or
+    in an object store: `s3://bucket/prefix` (collector/query/remote.py)."""
+    if isinstance(data_dir, str) and data_dir.startswith("s3://"):
+        from collector.query import remote
+
+        return remote.connect(data_dir, database=database)
     root = Path(data_dir)
     con = duckdb.connect(database)
     extension = inet_extension_path()
