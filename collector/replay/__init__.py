@@ -9,11 +9,22 @@ hash would pick), optionally only when a Traffic Mirror filter would mirror it (
 the capture's pace or a tcpreplay-style rate (`timing`), through UDP sockets bound to those
 source ports (`sender`). `ReplaySummary.format()` prints what tcpreplay users know.
 
+At top speed, a classic pcap of Ethernet frames replayed as VXLAN (no filter, no duration)
+takes a batch path when the compiled `collector._fastio` is there: the records are walked in
+C, the flows of a batch are found once per distinct flow (`flow_keys`, then the same
+`Encapsulator` hash), and the datagrams leave by sendmmsg as the VXLAN header plus a slice of
+the mapped file. It sends the same bytes from the same ports in the same order, and counts
+the same, as the per-record path (tests/replay/test_replay_fast.py compares them).
+`workers` > 1 splits the datagrams by outer source port over that many processes: each flow
+still leaves from one process, in order.
+
 The modules are sans-I/O except `sender`; this one reads the captures and drives the clock.
 """
 
 from __future__ import annotations
 
+import mmap
+import multiprocessing
 import os
 import socket
 import time
@@ -22,8 +33,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from collector.capture import CaptureError, read_capture
-from collector.replay.encap import ENCAPS, Encapsulator, Skip, check_packet_length
+import numpy as np
+
+from collector import compiled
+from collector.capture import _PCAP_MAGICS, PCAP_HEADER_LEN, CaptureError, read_capture
+from collector.replay.encap import ENCAPS, Encapsulator, Skip, check_packet_length, flow_of
 from collector.replay.filter import FilterEvaluator
 from collector.replay.sender import DEFAULT_POOL_SIZE, Sender, SendStats, Target, resolve_target
 from collector.replay.timing import Bounds, Pace, Schedule, wire_bytes
@@ -32,6 +46,8 @@ from collector.sessions import MirrorFilter
 __all__ = ["ReplayError", "ReplayOptions", "ReplayProgress", "ReplaySummary", "replay"]
 
 PROGRESS_EVERY = 1024  # datagrams between progress reports
+BATCH = 1024  # records per batch on the fast path (a multiple of PROGRESS_EVERY)
+_KEY_LEN = 40  # bytes per row of collector._fastio.flow_keys
 
 
 class ReplayError(ValueError):
@@ -49,7 +65,8 @@ class ReplayOptions:
     `limit` or `duration`), `limit` (datagrams), `duration` (seconds). Filter: `mirror_filter`
     with the mirrored ENI's `sources` (networks or addresses) and `amazon_dns` addresses; with
     `dry_run` nothing is sent and the filter's counts are the result. `pool_size`: sockets
-    bound to source ports (0 = one socket).
+    bound to source ports (0 = one socket). `workers`: processes sharing the datagrams by
+    outer source port (with --topspeed or the capture's timing; not with a limit).
     """
 
     vni: int | None = None
@@ -70,6 +87,7 @@ class ReplayOptions:
     pool_size: int = DEFAULT_POOL_SIZE
     gwlb_src: str = "10.0.1.10"  # the VXLAN packet inside GENEVE: from the source ENI ...
     gwlb_dst: str = "10.0.2.20"  # ... to the GWLB endpoint
+    workers: int = 1
 
     def __post_init__(self) -> None:
         try:
@@ -90,6 +108,14 @@ class ReplayOptions:
             raise ReplayError("source addresses only matter with a filter")
         if self.pool_size < 0:
             raise ReplayError(f"pool size {self.pool_size} is negative")
+        if type(self.workers) is not int or self.workers < 1:
+            raise ReplayError(f"workers {self.workers!r}: expected 1 or more")
+        if self.workers > 1 and (self.pps is not None or self.mbps is not None):
+            raise ReplayError("--workers paces each worker on its own: use --topspeed or the "
+                              "capture's timing (--multiplier), not --pps or --mbps")
+        if self.workers > 1 and self.limit is not None:
+            raise ReplayError("--workers with --limit: the limit cannot be split between "
+                              "workers exactly; use one worker")
 
     def pace(self) -> Pace:
         return Pace(self.multiplier, self.pps, self.mbps, self.topspeed)
@@ -208,7 +234,16 @@ def replay(paths: Sequence[str | os.PathLike], target: str | Target | None,
             target = resolve_target(target)
         except ValueError as e:
             raise ReplayError(str(e)) from None
-    run = _Run(paths, str(target), options, progress, clock)
+    if options.workers > 1:
+        return _replay_workers(paths, target, options, progress, clock)
+    return _replay(paths, target, options, progress, clock, sleep)[0]
+
+
+def _replay(paths, target: Target, options: ReplayOptions, progress, clock, sleep,
+            share: tuple[int, int] | None = None) -> tuple[ReplaySummary, set]:
+    """One process's replay; with `share` (index, count) only the datagrams whose outer
+    source port is index modulo count. Returns the summary and the flows attempted."""
+    run = _Run(paths, str(target), options, progress, clock, share)
     with Sender(target, pool_size=options.pool_size, sleep=sleep) as sender:
         run.summary.stats = sender.stats
         try:
@@ -223,14 +258,102 @@ def replay(paths: Sequence[str | os.PathLike], target: str | Target | None,
         finally:
             run.summary.seconds = clock() - run.start
     run.finish(sender.stats)
-    return run.summary
+    return run.summary, run.flows
+
+
+def _replay_workers(paths, target: Target, options: ReplayOptions, progress,
+                    clock) -> ReplaySummary:
+    """`options.workers` forked processes, each sending the flows of its share of outer
+    source ports; their summaries added up (records and skips are counted once: every
+    worker reads all of them)."""
+    context = multiprocessing.get_context("fork")
+    count, start = options.workers, clock()
+    pipes, procs = [], []
+    for index in range(count):
+        receiving, sending = context.Pipe(duplex=False)
+        proc = context.Process(target=_worker, args=(sending, paths, target, options,
+                                                     (index, count)), daemon=True)
+        proc.start()
+        sending.close()
+        pipes.append(receiving)
+        procs.append(proc)
+    results, interrupted = [], False
+    for receiving in pipes:
+        while True:
+            try:
+                results.append(receiving.recv())
+                break
+            except KeyboardInterrupt:  # the workers got it too: wait for their summaries
+                interrupted = True
+            except EOFError:
+                results.append(("error", "a replay worker exited without a summary"))
+                break
+    for proc in procs:
+        proc.join()
+    for result in results:
+        if result[0] == "capture":
+            error = CaptureError(*result[1:4])
+            for note in result[4]:
+                error.add_note(note)
+            raise error
+        if result[0] == "error":
+            raise ReplayError(result[1])
+    summaries = [result[1] for result in results]
+    total = _merge([s for s, _ in summaries], [f for _, f in summaries], str(target))
+    total.seconds = clock() - start
+    if interrupted and total.stopped is None:
+        total.stopped = "interrupted"
+    if progress is not None:
+        progress(ReplayProgress(total.attempted, sum(os.path.getsize(p) for p in paths)
+                                * max(total.passes, 1), total.seconds))
+    return total
+
+
+def _worker(conn, paths, target, options, share) -> None:
+    try:
+        result = ("ok", _replay(paths, target, options, None, time.monotonic, time.sleep,
+                                share))
+    except CaptureError as e:
+        result = ("capture", e.path, e.offset, e.detail, getattr(e, "__notes__", []))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent, not lost
+        result = ("error", f"replay worker {share[0]}: {type(e).__name__}: {e}")
+    conn.send(result)
+    conn.close()
+
+
+def _merge(parts: list[ReplaySummary], flows: list[set], target: str) -> ReplaySummary:
+    first = parts[0]
+    total = ReplaySummary(target, records=first.records, passes=first.passes,
+                          skipped=first.skipped, filtered=first.filtered,
+                          filter_table=first.filter_table, stats=SendStats())
+    stats = total.stats
+    for part in parts:
+        total.packets += part.packets
+        total.bytes += part.bytes
+        total.failed += part.failed
+        total.truncated += part.truncated
+        total.retried += part.retried
+        total.cut_by_capture += part.cut_by_capture
+        total.other_port.update(part.other_port)
+        total.stopped = total.stopped or part.stopped
+        if part.stats is not None:
+            for name in ("sent", "failed", "retried", "refused", "ports_bound", "shared",
+                         "evicted"):
+                setattr(stats, name, getattr(stats, name) + getattr(part.stats, name))
+            stats.errors.update(part.stats.errors)
+            stats.unbindable |= part.stats.unbindable
+    total.flows = len(set().union(*flows))
+    return total
 
 
 class _Run:
     """One replay's state: the encapsulator, filter, schedule, counters."""
 
-    def __init__(self, paths, target: str, options: ReplayOptions, progress, clock) -> None:
+    def __init__(self, paths, target: str, options: ReplayOptions, progress, clock,
+                 share: tuple[int, int] | None = None) -> None:
         self.paths, self.options, self.progress, self.clock = list(paths), options, progress, clock
+        self.share = share
+        self.attempted = 0
         self.encapsulator = Encapsulator(
             vni=options.vni, packet_length=options.packet_length, encap=options.encap,
             as_captured=options.as_captured, gwlb_src=options.gwlb_src, gwlb_dst=options.gwlb_dst)
@@ -246,11 +369,14 @@ class _Run:
         self.bytes_read = 0
         self.start = clock()
 
-    def datagrams(self, pass_files: Callable[[], None] | None = None) -> Iterable:
-        """(record, Mirrored) for every record of one pass that gives a datagram the filter
-        (if any) mirrors; `pass_files` is called at the start of each file."""
+    def datagrams(self, pass_files: Callable[[], None] | None = None,
+                  paths: Sequence | None = None) -> Iterable:
+        """(record, Mirrored) for every record of one pass (of `paths`, by default all) that
+        gives a datagram the filter (if any) mirrors and that is this worker's share;
+        `pass_files` is called at the start of each file."""
         summary, mirror, evaluator = self.summary, self.encapsulator.mirror, self.evaluator
-        for path in self.paths:
+        index, count = self.share or (0, 1)
+        for path in self.paths if paths is None else paths:
             if pass_files is not None:
                 pass_files()
             offset = records = 0
@@ -265,6 +391,8 @@ class _Run:
                     if evaluator is not None and not evaluator.tally(mirrored.flow).mirrored:
                         summary.filtered += 1
                         continue
+                    if count > 1 and mirrored.source_port % count != index:
+                        continue  # another worker's
                     yield record, mirrored
                 offset = os.path.getsize(path)
             finally:
@@ -280,57 +408,166 @@ class _Run:
 
     def send_all(self, sender: Sender, port: int, ipv6: bool, sleep) -> None:
         """Every pass over the input, paced by the schedule, until the input or a bound ends.
-        The per-datagram path keeps its counters in locals (it runs a million times a
+        Each file goes by the batch path when it can (`_fast_file`), else record by record."""
+        options, summary = self.options, self.summary
+        bounds, schedule = options.bounds(), Schedule(options.pace())
+        fast = self._fastio()
+        for _ in bounds.passes():
+            summary.passes += 1
+            before = self.attempted
+            for path in self.paths:
+                mapped = None if fast is None else _classic_ethernet_pcap(path)
+                if mapped is not None:
+                    schedule.new_input()
+                    with mapped:
+                        stop = self._send_fast(fast, mapped, path, sender, ipv6, bounds)
+                else:
+                    stop = self._send_records([path], schedule, bounds, sender, port, ipv6,
+                                              sleep)
+                if stop:
+                    return
+            if self.attempted == before:  # every further pass would send nothing either
+                if options.loop != 1:
+                    summary.stopped = "a pass over the input had nothing to send"
+                return
+
+    def _fastio(self):
+        """collector._fastio when this replay can take the batch path, else None."""
+        options = self.options
+        if (not options.topspeed or options.as_captured or options.encap != "vxlan"
+                or self.evaluator is not None or options.duration is not None):
+            return None
+        return compiled.extension("_fastio")
+
+    def _send_records(self, paths, schedule: Schedule, bounds: Bounds, sender: Sender,
+                      port: int, ipv6: bool, sleep) -> bool:
+        """The per-record path over `paths`; True when a bound stopped the replay.
+        The per-datagram loop keeps its counters in locals (it runs a million times a
         minute); they are written to the summary at every progress report and at the end."""
         options, summary, clock = self.options, self.summary, self.clock
-        bounds, schedule = options.bounds(), Schedule(options.pace())
         paced, timed = not options.topspeed, bounds.duration is not None
         headers = wire_bytes(0, ipv6)
         send, remember = sender.send, self.flows.add
         start = self.start
-        sent = sent_bytes = truncated = cut = 0
-        attempted = 0
+        sent, sent_bytes = summary.packets, summary.bytes
+        truncated, cut = summary.truncated, summary.cut_by_capture
+        attempted = self.attempted
 
         def flush() -> None:
             summary.packets, summary.bytes = sent, sent_bytes
             summary.truncated, summary.cut_by_capture = truncated, cut
+            self.attempted = attempted
 
         try:
-            for _ in bounds.passes():
-                summary.passes += 1
-                before = attempted
-                for record, mirrored in self.datagrams(schedule.new_input):
-                    payload = mirrored.payload
-                    size = headers + len(payload)
-                    if paced:
-                        due = schedule.due(record.timestamp_ns, size)
-                        if bounds.beyond(due):  # it would go after the end: stop now
-                            summary.stopped = self._why_stopped(bounds, attempted)
-                            return
-                        wait = start + due - clock()
-                        if wait > 0:
-                            sleep(wait)
-                    if send(payload, mirrored.source_port):
-                        sent += 1
-                        sent_bytes += size
-                    attempted += 1
-                    remember((mirrored.vni, mirrored.conversation))
-                    truncated += mirrored.truncated
-                    cut += mirrored.cut_by_capture
-                    if options.as_captured and mirrored.port != port:
-                        summary.other_port[mirrored.port] += 1
-                    if attempted % PROGRESS_EVERY == 0:
-                        flush()
-                        self.report()
-                    if bounds.reached(attempted, clock() - start if timed else 0.0):
+            for record, mirrored in self.datagrams(schedule.new_input, paths):
+                payload = mirrored.payload
+                size = headers + len(payload)
+                if paced:
+                    due = schedule.due(record.timestamp_ns, size)
+                    if bounds.beyond(due):  # it would go after the end: stop now
                         summary.stopped = self._why_stopped(bounds, attempted)
-                        return
-                if attempted == before:  # every further pass would send nothing either
-                    if options.loop != 1:
-                        summary.stopped = "a pass over the input had nothing to send"
-                    return
+                        return True
+                    wait = start + due - clock()
+                    if wait > 0:
+                        sleep(wait)
+                if send(payload, mirrored.source_port):
+                    sent += 1
+                    sent_bytes += size
+                attempted += 1
+                remember((mirrored.vni, mirrored.conversation))
+                truncated += mirrored.truncated
+                cut += mirrored.cut_by_capture
+                if options.as_captured and mirrored.port != port:
+                    summary.other_port[mirrored.port] += 1
+                if attempted % PROGRESS_EVERY == 0:
+                    flush()
+                    self.report()
+                if bounds.reached(attempted, clock() - start if timed else 0.0):
+                    summary.stopped = self._why_stopped(bounds, attempted)
+                    return True
+            return False
         finally:
             flush()
+
+    def _send_fast(self, fast, data, path, sender: Sender, ipv6: bool, bounds: Bounds) -> bool:
+        """The batch path over one mapped classic pcap of Ethernet frames (see the module
+        docstring); True when the limit stopped the replay. Counts exactly as `_send_records`
+        does: records, skips, flows, truncation, bytes."""
+        summary, encapsulator = self.summary, self.encapsulator
+        hashes, remember, vni = encapsulator._hashes, self.flows.add, encapsulator.vni
+        header = encapsulator._vxlan
+        headers = wire_bytes(0, ipv6) + len(header)
+        keep_bytes = encapsulator.packet_length or (1 << 62)
+        index, count = self.share or (0, 1)
+        big = _PCAP_MAGICS[int.from_bytes(data[:4], "little")][0] == ">"
+        offsets, caplens, wirelens = (np.empty(BATCH, np.int64) for _ in range(3))
+        keys = np.empty((BATCH, _KEY_LEN), np.uint8)
+        view = memoryview(data)
+        pos = PCAP_HEADER_LEN
+        reached = 0  # the offset of the last record read, as the per-record path keeps it
+        rows = None
+        try:
+            while True:
+                n, pos, _ = fast.pcap_walk(data, pos, big, offsets, caplens, wirelens)
+                if n == 0:
+                    return False
+                off, cap, wire = offsets[:n], caplens[:n], wirelens[:n]
+                usable = cap >= 14  # shorter: no Ethernet header (`ethernet_frame`)
+                fast.flow_keys(data, off, cap, keys[:n])
+                ports = np.empty(n, np.int64)
+                conversations: list = [None] * n
+                rows = keys[:n].view(f"V{_KEY_LEN}").ravel()
+                unique, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+                inverse = inverse.ravel()
+                simple = keys[first, 0] != 0
+                unique_ports = np.zeros(len(unique), np.int64)
+                unique_keys: list = [None] * len(unique)
+                for j in np.flatnonzero(simple):
+                    i = first[j]
+                    unique_ports[j], unique_keys[j] = hashes(
+                        flow_of(view[off[i]:off[i] + cap[i]]))
+                ports[:] = unique_ports[inverse]
+                one_by_one = np.flatnonzero(~simple[inverse] & usable)
+                for i in one_by_one:  # VLAN tags, extension headers, cut headers, non-IP
+                    ports[i], conversations[i] = hashes(flow_of(view[off[i]:off[i] + cap[i]]))
+                send = usable.copy()
+                if count > 1:
+                    send &= ports % count == index
+                used = n
+                if bounds.limit is not None:
+                    room = bounds.limit - self.attempted
+                    sending = np.flatnonzero(send)
+                    if len(sending) >= room:  # the limit falls in this batch: stop after it
+                        used = int(sending[room - 1]) + 1 if room > 0 else 0
+                        send[used:] = False
+                        usable[used:] = False
+                summary.records += used
+                if short := int(used - usable[:used].sum()):
+                    summary.skipped[Skip.LINK_TYPE.value] += short
+                chosen = np.flatnonzero(send)
+                lengths = np.minimum(cap[chosen], keep_bytes)
+                failed = sender.send_batch(data, off[chosen], lengths, ports[chosen], header)
+                for j in np.unique(inverse[chosen[simple[inverse[chosen]]]]):
+                    remember((vni, unique_keys[j]))
+                for i in chosen[~simple[inverse[chosen]]]:
+                    remember((vni, conversations[i]))
+                summary.packets += len(chosen) - len(failed)
+                summary.bytes += int((lengths + headers).sum() -
+                                     (lengths[failed] + headers).sum())
+                summary.truncated += int((cap[chosen] > keep_bytes).sum())
+                summary.cut_by_capture += int((cap[chosen] < wire[chosen]).sum())
+                self.attempted += len(chosen)
+                if used:
+                    reached = int(off[used - 1]) - 16
+                if used < n:
+                    summary.stopped = self._why_stopped(bounds, self.attempted)
+                    return True
+                if self.attempted and self.attempted % PROGRESS_EVERY < len(chosen):
+                    self.report()
+        finally:
+            del view, rows  # no export of the mapping may outlive it (it is closed next)
+            self.bytes_read += len(data) if pos >= len(data) else reached
+            self.report()
 
     @staticmethod
     def _why_stopped(bounds: Bounds, attempted: int) -> str:
@@ -351,6 +588,34 @@ class _Run:
             summary.failed, summary.retried = stats.failed, stats.retried
         if self.evaluator is not None:
             summary.filter_table = self.evaluator.table()
+
+
+def _classic_ethernet_pcap(path) -> mmap.mmap | None:
+    """The file mapped when it is a classic pcap of Ethernet frames whose records all walk
+    cleanly (the batch path's input), else None: the per-record reader then reads it and
+    reports any fault with its offset."""
+    fast = compiled.extension("_fastio")
+    try:
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # empty, or not a regular file
+        return None
+    try:
+        if len(data) < PCAP_HEADER_LEN:
+            raise LookupError
+        order, _ = _PCAP_MAGICS[int.from_bytes(data[:4], "little")]
+        if int.from_bytes(data[20:24], "little" if order == "<" else "big") & 0xFFFF != 1:
+            raise LookupError  # not LINKTYPE_ETHERNET
+        scratch = np.empty(1 << 16, np.int64)
+        pos = PCAP_HEADER_LEN
+        while pos < len(data):
+            n, pos, status = fast.pcap_walk(data, pos, order == ">", scratch, scratch, scratch)
+            if status:
+                raise LookupError  # a faulty record: read_capture says where and why
+    except LookupError:
+        data.close()
+        return None
+    return data
 
 
 def _dry_run(paths, target, options: ReplayOptions, progress) -> ReplaySummary:
