@@ -456,9 +456,13 @@ def serve_command(config_file, check, **flags) -> None:
                    "is mirrored only with the filter's amazon-dns network service.")
 @click.option("--dry-run", is_flag=True,
               help="Send nothing: count what would be sent, per filter rule with --filter.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              metavar="N", help="Processes sending in parallel, each the flows of its share of "
+                                "outer source ports (with --topspeed or -x; not with --limit).")
 def replay_command(captures, target, vni, session_files, session_id, encap, packet_length,
                    multiplier, pps, mbps, topspeed, loop, limit, duration, as_captured,
-                   filter_file, filter_id, source_ip, source_cidr, amazon_dns, dry_run) -> None:
+                   filter_file, filter_id, source_ip, source_cidr, amazon_dns, dry_run,
+                   workers) -> None:
     """Replay captures to a mirroring target as AWS Traffic Mirroring sends them.
 
     Each packet becomes the datagram AWS would send: the frame (an Ethernet header made up
@@ -513,7 +517,7 @@ def replay_command(captures, target, vni, session_files, session_id, encap, pack
             vni=vni, packet_length=packet_length, encap=encap, as_captured=as_captured,
             multiplier=multiplier, pps=pps, mbps=mbps, topspeed=topspeed, loop=loop, limit=limit,
             duration=duration, mirror_filter=mirror_filter, sources=sources,
-            amazon_dns=amazon_dns, dry_run=dry_run)
+            amazon_dns=amazon_dns, dry_run=dry_run, workers=workers)
     except (ReplayError, SessionsError) as e:
         raise click.ClickException(str(e)) from e
     except ValueError as e:  # a bad --source-ip / --source-cidr
