@@ -247,6 +247,21 @@ class _Metrics:
                                   value=sum(s.flows_exported.get("evicted", 0) for s in snapshots))
         yield total("collector_files_written", "Parquet files written", "files_written")
         yield total("collector_rows_written", "flow rows written", "rows_written")
+        dropped = CounterMetricFamily(
+            "collector_rows_dropped", "rows dropped because writing failed (disk_full, "
+            "read_only, write_error) while more than --max-pending-bytes waited",
+            labels=["table", "reason"])
+        counts: dict = {}
+        for s in snapshots:
+            for key, rows in getattr(s, "rows_dropped", {}).items():
+                counts[key] = counts.get(key, 0) + rows
+        for (table, reason), rows in sorted(counts.items()):
+            dropped.add_metric([table, reason], rows)
+        yield dropped
+        yield GaugeMetricFamily("collector_rows_pending", "rows waiting in memory to be written",
+                                value=sum(getattr(s, "rows_pending", 0) for s in live))
+        yield total("collector_clock_steps", "wall-clock steps seen by the workers (active "
+                    "flows exported at each)", "clock_steps")
         flush = GaugeMetricFamily("collector_flush_duration_seconds", "duration of each worker's last flush",
                                   labels=["worker"])
         for s in live:

@@ -166,11 +166,15 @@ class Supervisor:
         try:
             self.config.data.mkdir(parents=True, exist_ok=True)
             with open(probe, "xb") as f:
-                f.write(b"ok")
-            probe.unlink()
+                f.write(b"ok")  # on a full disk the create works and the write fails
             return None
         except OSError as err:
             return f"{type(err).__name__}: {err.strerror or err}"
+        finally:
+            try:
+                probe.unlink()  # never leave a probe behind, least of all on a full disk
+            except OSError:
+                pass
 
     # -- running ---------------------------------------------------------------------------
 
