@@ -170,8 +170,13 @@ def _default_collector_id() -> str:
 @main.command("ingest")
 @click.argument("captures", nargs=-1, required=True, metavar="CAPTURE...",
                 type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "data_dir", default="data", show_default=True, metavar="DIR",
-              type=click.Path(file_okay=False), help="The dataset to add flows to.")
+@click.option("--data", "data_dir", default="data", show_default=True, metavar="DIR|s3://...",
+              type=click.Path(file_okay=False),
+              help="The dataset to add flows to: a directory or s3://bucket/prefix.")
+@click.option("--spool", metavar="DIR", type=click.Path(file_okay=False),
+              help="With --data s3://...: where files wait to upload.  [default: spool-<collector id>]")
+@click.option("--upload-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              metavar="S", help="With --data s3://...: give up uploading after S seconds (files stay in the spool).")
 @click.option("--sessions", "session_files", metavar="FILE", multiple=True,
               help="AWS CLI JSON naming the sessions (as for `collector sessions`); repeat for more.")
 @click.option("--vni", type=click.IntRange(0, 2**24 - 1), metavar="N",
@@ -187,7 +192,7 @@ def _default_collector_id() -> str:
 @click.option("--packets", is_flag=True, help="Also write the packets table.")
 @click.option("--packet-bytes", type=click.IntRange(0, 9000), default=128, show_default=True,
               metavar="N", help="With --packets: bytes of each mirrored frame to keep.")
-def ingest_command(captures, data_dir, session_files, vni, collector_id, idle_timeout,
+def ingest_command(captures, data_dir, spool, upload_timeout, session_files, vni, collector_id, idle_timeout,
                    active_timeout, max_flows, packets, packet_bytes) -> None:
     """Meter the packets of pcap/pcapng captures into the flows dataset.
 
@@ -205,8 +210,12 @@ def ingest_command(captures, data_dir, session_files, vni, collector_id, idle_ti
     from collector.pipeline import Pipeline
 
     registry = _registry(session_files)
+    collector_id = collector_id or _default_collector_id()
+    store = None
+    if data_dir.startswith("s3://"):  # files completed in the spool, then uploaded
+        store, data_dir = _store_url(data_dir), spool or f"spool-{collector_id}"
     pipeline = Pipeline(
-        data_dir, collector_id=collector_id or _default_collector_id(), registry=registry,
+        data_dir, collector_id=collector_id, registry=registry,
         flow_config=FlowConfig(idle_timeout=idle_timeout, active_timeout=active_timeout,
                                max_flows=max_flows),
         packets=packets, packet_bytes=packet_bytes)
@@ -218,7 +227,10 @@ def ingest_command(captures, data_dir, session_files, vni, collector_id, idle_ti
         try:
             result = ingest(captures, pipeline, vni=vni, progress=bar.update)
         except CaptureError as e:
-            raise click.ClickException(f"{e} (everything before it was written to {data_dir})") from e
+            if store:
+                _upload_spool(data_dir, store, upload_timeout)
+            raise click.ClickException(f"{e} (everything before it was written to "
+                                       f"{store or data_dir})") from e
     elapsed = time.monotonic() - started
     c = pipeline.counters
     malformed = sum(c.malformed.values())
@@ -229,6 +241,35 @@ def ingest_command(captures, data_dir, session_files, vni, collector_id, idle_ti
         f"{result.skipped} skipped; {c.decoded} decoded, {malformed} malformed, "
         f"{c.truncated} truncated copies; {c.flows_exported} flows in "
         f"{pipeline.flow_writer.stats.files} file(s) under {data_dir}", err=True)
+    if store:
+        _upload_spool(data_dir, store, upload_timeout)
+
+
+def _store_url(text: str) -> str:
+    from collector.store.objectstore import StoreURL, StoreURLError
+
+    try:
+        return str(StoreURL.parse(text))
+    except StoreURLError as e:
+        raise click.BadParameter(str(e), param_hint="--data") from None
+
+
+def _upload_spool(spool: str, store: str, timeout: float) -> None:
+    """Upload every file of the spool (this run's and any an earlier run left) to `store`."""
+    from collector.store.objectstore import StoreURLError, Uploader
+
+    try:
+        uploader = Uploader(spool, store)
+    except StoreURLError as e:
+        raise click.ClickException(str(e)) from None
+    left = uploader.drain(timeout)
+    uploader.close()
+    if left:
+        raise click.ClickException(
+            f"{left} file(s) not uploaded to {store} ({uploader.stats.last_error}); they stay in "
+            f"{spool}, uploaded by the next `collector ingest` or `serve` with this spool")
+    click.echo(f"{uploader.stats.files_uploaded} file(s), {uploader.stats.bytes_uploaded} bytes "
+               f"uploaded to {store}", err=True)
 
 
 @main.command("query")
