@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from collector.store.schema import TABLES
 
-__all__ = ["connect", "QueryError", "inet_extension_path"]
+__all__ = ["connect", "lock", "QueryError", "inet_extension_path"]
 
 
 class QueryError(ValueError):
@@ -43,7 +43,8 @@ def inet_extension_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:",
+            sandbox: bool = True) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection over the dataset in `data_dir` (which may be empty or absent), or
     in an object store: `s3://bucket/prefix` (collector/query/remote.py)."""
     if isinstance(data_dir, str) and data_dir.startswith("s3://"):
@@ -69,7 +70,37 @@ def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:")
     con.execute(_VPC_FLOW_LOGS)
     if has_inet:
         con.execute("CREATE OR REPLACE MACRO in_cidr(addr, cidr) AS addr::INET <<= cidr::INET")
+    if sandbox:
+        lock(con, root)
     return con
+
+
+def lock(con: duckdb.DuckDBPyConnection, *allowed: str | os.PathLike) -> None:
+    """Confine `con` to the dataset, for SQL written by someone else (docs/robustness.md,
+    Security): after this, DuckDB reads and writes files only under the `allowed` directories
+    or URL prefixes (the dataset; `s3://bucket/prefix/` for a remote one), loads and installs
+    no extension, attaches no database file, and refuses any SET, so none of it can be undone.
+    `read_csv('/etc/passwd')`, `COPY ... TO '/tmp/x'`, `ATTACH`, `INSTALL`/`LOAD` raise
+    duckdb.PermissionException. Call it last: the views, macros and extensions must be set up
+    before. `connect(..., sandbox=False)` skips it, for Python code that wants DuckDB's file
+    access on the same connection.
+    """
+    prefixes = []
+    for path in allowed:
+        text = str(path)
+        if "://" not in text:
+            # DuckDB matches prefixes of the path as a query names it: allow the directory as
+            # given (possibly relative) and absolute, each ending in "/" so that "data" does
+            # not also allow "data-other"
+            prefixes += {text.rstrip("/") + "/", os.path.abspath(text).rstrip("/") + "/"}
+        else:
+            prefixes.append(text.rstrip("/") + "/")
+    listed = ", ".join(f"'{_quote(prefix)}'" for prefix in prefixes)
+    con.execute(f"SET allowed_directories = [{listed}]")
+    for setting in ("autoinstall_known_extensions", "autoload_known_extensions",
+                    "allow_community_extensions", "enable_external_access"):
+        con.execute(f"SET {setting} = false")
+    con.execute("SET lock_configuration = true")
 
 
 def _live_files_of(root):
