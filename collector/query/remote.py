@@ -73,9 +73,10 @@ def prepare(con: duckdb.DuckDBPyConnection, env: dict | None = None) -> None:
                          "(AWS_REGION, AWS_ENDPOINT_URL_S3, credentials)") from None
 
 
-def connect(url: str, *, database: str = ":memory:", env: dict | None = None) -> duckdb.DuckDBPyConnection:
+def connect(url: str, *, database: str = ":memory:", env: dict | None = None,
+            sandbox: bool = True) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection over the dataset at `url` (s3://bucket/prefix), with the views of
-    a local dataset."""
+    a local dataset; confined to the prefix (`collector.query.lock`) unless not `sandbox`."""
     from collector import query
     from collector.store.manifest import Location, ManifestCache, live_files
     from collector.store.objectstore import StoreURL, s3_filesystem
@@ -101,6 +102,9 @@ def connect(url: str, *, database: str = ":memory:", env: dict | None = None) ->
     con.execute(query._VPC_FLOW_LOGS)
     if has_inet:
         con.execute("CREATE OR REPLACE MACRO in_cidr(addr, cidr) AS addr::INET <<= cidr::INET")
+    lock = getattr(query, "lock", None)  # the local sandbox, where this version has it
+    if sandbox and lock is not None:
+        lock(con, str(store) + "/")
     return con
 
 

@@ -100,3 +100,19 @@ def test_secret_sql_for_an_s3_compatible_endpoint_and_for_aws():
     assert "USE_SSL false" in sql and "SECRET 'S''x'" in sql and "REGION 'eu-west-1'" in sql
     aws = s3_secret_sql(AWSSettings("AK", "S", "T", "us-east-2"))
     assert "ENDPOINT" not in aws and "URL_STYLE" not in aws and "SESSION_TOKEN 'T'" in aws
+
+
+def test_an_s3_connection_is_confined_to_its_prefix(dataset):
+    import duckdb
+
+    from collector import query
+
+    if not hasattr(query, "lock"):
+        pytest.skip("this version has no query sandbox")
+    local, store = dataset
+    con = connect(store.url)
+    assert con.sql("SELECT count(*) FROM flows").fetchall() == [(80,)]
+    other = f"s3://{store.bucket}/elsewhere/flows/x.parquet"
+    for sql in ("SELECT * FROM read_csv('/etc/passwd')", f"SELECT * FROM read_parquet('{other}')"):
+        with pytest.raises(duckdb.PermissionException):
+            con.sql(sql).fetchall()
