@@ -89,9 +89,11 @@ def location_of(data: str | os.PathLike | Location) -> Location:
         return data
     text = os.fspath(data)
     if text.startswith("s3://"):
-        filesystem, path = pafs.FileSystem.from_uri(text)
+        from collector.store.objectstore import open_store  # the AWS chain, path-style
+
+        filesystem, path = open_store(text)
         return Location(filesystem, path.rstrip("/"), "s3://")
-    return Location(pafs.LocalFileSystem(), str(Path(text).resolve()))
+    return Location(pafs.LocalFileSystem(), os.path.abspath(text))
 
 
 @dataclass
