@@ -17,6 +17,10 @@ Then times, each run a fresh process, runs interleaved, medians of R:
 
     collector ingest FILE --data TMP      on the VXLAN capture and on the plain twin
     tshark -r FILE -q -z conv,ip          on both
+    NFStream (n_meters=1, no dissection)  on the plain twin (it cannot decode VXLAN)
+
+tshark is installed with apt-get and NFStream with pip (into this interpreter's venv) when
+missing (bench/common.py); without them their rows are skipped, saying so.
 
 wall seconds and peak RSS (the child's own rusage, from wait4). Each collector run is checked
 through `collector query`: the flows it wrote, the packets and truncated copies they count,
@@ -59,6 +63,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this tree's collector, here and in the child processes
 import collector  # noqa: E402
 from collector import build  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ensure_apt, ensure_pip, print_header  # noqa: E402
+
+# NFStream as a fresh process: every flow of the file, counted (its own timer printed too)
+NFSTREAM = """
+import sys, time
+from nfstream import NFStreamer
+started = time.perf_counter()
+flows = packets = 0
+for flow in NFStreamer(source=sys.argv[1], statistical_analysis=False, n_dissections=0,
+                       n_meters=1):
+    flows += 1
+    packets += flow.bidirectional_packets
+print(f"nfstream flows {flows} packets {packets} seconds {time.perf_counter() - started:.3f}")
+"""
 
 SEED = 20261125
 GENERATOR = 2  # bump when the generated traffic changes: it keys the cache
@@ -584,6 +604,7 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.flows <= args.packets:
         parser.error("need 1 <= --flows <= --packets")
+    print_header("ingest: collector ingest vs tshark conv,ip and NFStream")
     for line in machine_info():
         print(line)
     directory, meta = captures(args.cache, args.packets, args.flows)
@@ -605,7 +626,17 @@ def main() -> None:
 
 
 def run_table(args, meta: dict, inputs: dict[str, Path]) -> None:
-    rows = {(tool, kind): [] for kind in inputs for tool in ("collector ingest", "tshark conv,ip")}
+    tools = ["collector ingest"]
+    if ensure_apt("tshark"):
+        tools.append("tshark conv,ip")
+    else:
+        print("tshark unavailable: its rows are skipped")
+    rows = {(tool, kind): [] for kind in inputs for tool in tools}
+    if ensure_pip("nfstream"):
+        rows[("nfstream", "plain")] = []
+    else:
+        print("NFStream unavailable: its row is skipped")
+    nfstream_seen = {}
     own = {kind: [] for kind in inputs}
     checked, tshark_seen = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
@@ -617,6 +648,8 @@ def run_table(args, meta: dict, inputs: dict[str, Path]) -> None:
                     data = tmp / f"data-{kind}-{run}"
                     cmd = [*collector_command(), "ingest", str(path), "--data", str(data),
                            "--collector-id", "bench"]
+                elif tool == "nfstream":
+                    cmd = [sys.executable, "-c", NFSTREAM, str(path)]
                 else:
                     cmd = ["tshark", "-r", str(path), "-q", "-z", "conv,ip"]
                 wall, rss, stdout, stderr = measure(cmd, tmp / f"{kind}-{run}")
@@ -631,6 +664,8 @@ def run_table(args, meta: dict, inputs: dict[str, Path]) -> None:
                         shutil.move(data, args.keep / f"data-{kind}")
                     else:
                         shutil.rmtree(data)
+                elif tool == "nfstream":
+                    nfstream_seen[kind] = stdout.strip()
                 else:
                     tshark_seen[kind] = tshark_conversations(stdout)
                     if kind == "vxlan" and tshark_seen[kind][2] != meta["packets"]:
@@ -645,6 +680,8 @@ def run_table(args, meta: dict, inputs: dict[str, Path]) -> None:
         print(f"tshark ({kind}): {conversations:,} IPv4 conversations, {frames:,} frames in them "
               f"(IPv4 only; each IP layer counts)"
               + (f", {outer:,} in the outer {OUTER_SRC} <-> {OUTER_DST} one == expected" if outer else ""))
+    for kind, line in nfstream_seen.items():
+        print(f"NFStream ({kind}): {line}")
     for kind, values in own.items():
         print(f"collector's own timer ({kind}, without interpreter start and imports): "
               f"{statistics.median(values):.2f} s")
@@ -652,14 +689,29 @@ def run_table(args, meta: dict, inputs: dict[str, Path]) -> None:
     print(f"\nmedians of {args.runs} runs, {n:,} packets")
     print(f"{'tool':18s} {'input':28s} {'packets':>10s} {'seconds':>8s} {'packets/s':>10s} "
           f"{'peak RSS MiB':>12s} {'time vs collector':>17s}")
+    rates = {}
     for kind in inputs:
         base = statistics.median(w for w, _ in rows[("collector ingest", kind)])
-        for tool in ("collector ingest", "tshark conv,ip"):
+        for tool in ("collector ingest", "tshark conv,ip", "nfstream"):
+            if (tool, kind) not in rows:
+                continue
             wall = statistics.median(w for w, _ in rows[(tool, kind)])
             rss = statistics.median(r for _, r in rows[(tool, kind)])
             label = "VXLAN (appliance capture)" if kind == "vxlan" else "plain twin (inner frames)"
             print(f"{tool:18s} {label:28s} {n:10,d} {wall:8.2f} {n / wall:10,.0f} {rss:12.0f} "
                   f"{wall / base:16.2f}x")
+            rates[(tool, kind)] = n / wall
+    ours = rates[("collector ingest", "vxlan")]
+    print(f"\ntargets (issue 6): collector ingest VXLAN {ours:,.0f} packets/s "
+          f"({'met' if ours >= 1e6 else 'NOT met'}: >= 1,000,000)")
+    if ("nfstream", "plain") in rates:
+        ratio = ours / rates[("nfstream", "plain")]
+        print(f"  vs NFStream on the plain twin: {ratio:.1f}x ({'met' if ratio >= 5 else 'NOT met'}"
+              f": >= 5x)")
+    if ("tshark conv,ip", "vxlan") in rates:
+        ratio = ours / rates[("tshark conv,ip", "vxlan")]
+        print(f"  vs tshark on the VXLAN capture: {ratio:.1f}x "
+              f"({'met' if ratio >= 25 else 'NOT met'}: >= 25x)")
     print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
