@@ -144,33 +144,77 @@ WITH segments AS (
         CASE WHEN src_is_low THEN dst_port ELSE src_port END AS high_port
     FROM flows
 ),
-oriented AS (
-    -- the conversation's initiator: the initiator of its earliest segment
-    SELECT *, arg_min(src_is_low, first_seen) OVER conversation AS initiator_is_low
+chained AS (
+    -- segments of one endpoint pair chain into one conversation while each starts within the
+    -- gap (default 60 s, the default idle timeout) of the latest end before it: a reused
+    -- 5-tuple (a DNS client's port, days later) starts a new conversation
+    SELECT *, max(last_seen) OVER (PARTITION BY vni, vlan_id, inner_vlan_id, ip_version, protocol,
+                                                low_addr, low_port, high_addr, high_port
+                                   ORDER BY first_seen, last_seen
+                                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS reached
     FROM segments
+),
+numbered AS (
+    SELECT *, sum(CASE WHEN reached IS NULL OR first_seen > reached
+                           + coalesce(getvariable('conversation_gap'), INTERVAL 60 SECOND)
+                  THEN 1 ELSE 0 END)
+              OVER (PARTITION BY vni, vlan_id, inner_vlan_id, ip_version, protocol,
+                                 low_addr, low_port, high_addr, high_port
+                    ORDER BY first_seen, last_seen ROWS UNBOUNDED PRECEDING) AS conversation_number
+    FROM chained
+),
+oriented AS (
+    -- the conversation's initiator: the initiator of its earliest segment; on a tie (both
+    -- directions first seen in the same microsecond by two appliances) a segment that
+    -- opened with a SYN alone, then the side with the higher (ephemeral) port
+    SELECT *, arg_min(src_is_low, (first_seen, coalesce(tcp_flags & 18 <> 2, true),
+                                   coalesce(src_port < dst_port, true), src_is_low))
+              OVER conversation AS initiator_is_low
+    FROM numbered
     WINDOW conversation AS (PARTITION BY vni, vlan_id, inner_vlan_id, ip_version, protocol,
-                                         low_addr, low_port, high_addr, high_port)
+                                         low_addr, low_port, high_addr, high_port,
+                                         conversation_number)
+),
+merged AS (
+    SELECT
+        vni, any_value(session_id) AS session_id, vlan_id, inner_vlan_id, ip_version, protocol,
+        CASE WHEN initiator_is_low THEN low_addr ELSE high_addr END AS src_addr,
+        CASE WHEN initiator_is_low THEN high_addr ELSE low_addr END AS dst_addr,
+        CASE WHEN initiator_is_low THEN low_port ELSE high_port END AS src_port,
+        CASE WHEN initiator_is_low THEN high_port ELSE low_port END AS dst_port,
+        min(first_seen) AS first_seen, max(last_seen) AS last_seen,
+        sum(CASE WHEN src_is_low = initiator_is_low THEN packets ELSE rev_packets END) AS packets,
+        sum(CASE WHEN src_is_low = initiator_is_low THEN bytes ELSE rev_bytes END) AS bytes,
+        sum(CASE WHEN src_is_low = initiator_is_low THEN rev_packets ELSE packets END) AS rev_packets,
+        sum(CASE WHEN src_is_low = initiator_is_low THEN rev_bytes ELSE bytes END) AS rev_bytes,
+        sum(coalesce(truncated_packets, 0) + coalesce(rev_truncated_packets, 0)) AS truncated_packets,
+        bit_or(CASE WHEN src_is_low = initiator_is_low THEN tcp_flags ELSE rev_tcp_flags END) AS tcp_flags,
+        bit_or(CASE WHEN src_is_low = initiator_is_low THEN rev_tcp_flags ELSE tcp_flags END) AS rev_tcp_flags,
+        any_value(community_id) AS community_id,
+        count(*) AS segments, count(DISTINCT collector_id) AS collectors,
+        bool_or(end_reason = 'rst') AS any_rst, bool_or(end_reason = 'fin') AS any_fin,
+        arg_max(end_reason, (last_seen, list_position(
+            ['active', 'flush', 'shutdown', 'evicted', 'idle', 'fin', 'rst'], end_reason))) AS last_reason,
+        sum(CASE WHEN src_is_low = initiator_is_low THEN captured_bytes ELSE rev_captured_bytes END)
+            AS captured_bytes,
+        sum(CASE WHEN src_is_low = initiator_is_low THEN rev_captured_bytes ELSE captured_bytes END)
+            AS rev_captured_bytes
+    FROM oriented
+    GROUP BY vni, vlan_id, inner_vlan_id, ip_version, protocol, low_addr, low_port, high_addr,
+             high_port, conversation_number, initiator_is_low
 )
 SELECT
-    vni, any_value(session_id) AS session_id, vlan_id, inner_vlan_id, ip_version, protocol,
-    CASE WHEN initiator_is_low THEN low_addr ELSE high_addr END AS src_addr,
-    CASE WHEN initiator_is_low THEN high_addr ELSE low_addr END AS dst_addr,
-    CASE WHEN initiator_is_low THEN low_port ELSE high_port END AS src_port,
-    CASE WHEN initiator_is_low THEN high_port ELSE low_port END AS dst_port,
-    min(first_seen) AS first_seen, max(last_seen) AS last_seen,
-    sum(CASE WHEN src_is_low = initiator_is_low THEN packets ELSE rev_packets END) AS packets,
-    sum(CASE WHEN src_is_low = initiator_is_low THEN bytes ELSE rev_bytes END) AS bytes,
-    sum(CASE WHEN src_is_low = initiator_is_low THEN rev_packets ELSE packets END) AS rev_packets,
-    sum(CASE WHEN src_is_low = initiator_is_low THEN rev_bytes ELSE bytes END) AS rev_bytes,
-    sum(truncated_packets + rev_truncated_packets) AS truncated_packets,
-    bit_or(CASE WHEN src_is_low = initiator_is_low THEN tcp_flags ELSE rev_tcp_flags END) AS tcp_flags,
-    bit_or(CASE WHEN src_is_low = initiator_is_low THEN rev_tcp_flags ELSE tcp_flags END) AS rev_tcp_flags,
-    any_value(community_id) AS community_id,
-    count(*) AS segments, count(DISTINCT collector_id) AS collectors,
-    arg_max(end_reason, last_seen) AS end_reason
-FROM oriented
-GROUP BY vni, vlan_id, inner_vlan_id, ip_version, protocol, low_addr, low_port, high_addr,
-         high_port, initiator_is_low
+    vni, session_id, vlan_id, inner_vlan_id, ip_version, protocol, src_addr, dst_addr, src_port,
+    dst_port, first_seen, last_seen, packets, bytes, rev_packets, rev_bytes, truncated_packets,
+    tcp_flags, rev_tcp_flags, community_id, segments, collectors,
+    -- how it ended: a RST or a FIN close seen by a segment, or FINs both ways seen apart (an
+    -- appliance metering one direction sees one FIN and ends its segment 'idle'); else the
+    -- reason of the segment that ended last (the most final one on a tie)
+    CASE WHEN any_rst THEN 'rst'
+         WHEN any_fin OR (protocol = 6 AND tcp_flags & 1 = 1 AND rev_tcp_flags & 1 = 1) THEN 'fin'
+         ELSE last_reason END AS end_reason,
+    captured_bytes, rev_captured_bytes
+FROM merged
 """
 
 _VPC_FLOW_LOGS = """
