@@ -218,6 +218,30 @@ def spool_files(spool: str | os.PathLike) -> list[tuple[str, int]]:
     return found
 
 
+def prune_spool(spool: str | os.PathLike, older_than: float = 7200.0, now: float | None = None) -> int:
+    """Remove the spool's empty partition directories untouched for `older_than` seconds, so
+    that a months-old spool does not scan thousands of empty hours; returns how many. A writer
+    makes its partition directory again before writing into it; the age keeps this off the
+    hours being written."""
+    now = time.time() if now is None else now
+    removed = 0
+    root = Path(spool)
+    for hour in root.glob("*/date=*/hour=*"):
+        try:
+            if now - hour.stat().st_mtime > older_than:
+                hour.rmdir()  # only when empty: OSError otherwise
+                removed += 1
+        except OSError:
+            continue
+    for date in root.glob("*/date=*"):
+        try:
+            if now - date.stat().st_mtime > older_than:
+                date.rmdir()
+        except OSError:
+            continue
+    return removed
+
+
 class Uploader:
     """Uploads the spool's completed files to `url`, deleting each once stored.
 
@@ -339,9 +363,12 @@ class Uploader:
         return delay * random.uniform(0.75, 1.0)
 
     def _loop(self) -> None:
+        pruned_at = 0.0
         while not self._stop.is_set():
             try:
-                self.run_once()
+                if self.run_once() and self.clock() - pruned_at > 600:
+                    prune_spool(self.spool)
+                    pruned_at = self.clock()
             except Exception as error:  # noqa: BLE001  the thread must outlive any surprise
                 self._failed(f"{type(error).__name__}: {_one_line(error)}", 1)
             self._stop.wait(self.backoff())

@@ -152,3 +152,21 @@ def test_store_url_keys():
     assert (url.bucket, url.prefix, str(url)) == ("my-bucket", "a/b", "s3://my-bucket/a/b")
     assert url.key("flows/date=2026-01-01/hour=00/x.parquet") == "my-bucket/a/b/flows/date=2026-01-01/hour=00/x.parquet"
     assert StoreURL.parse("s3://my-bucket").key("flows/x") == "my-bucket/flows/x"
+
+
+def test_prune_removes_only_old_empty_partition_directories(tmp_path):
+    import os
+
+    from collector.store.objectstore import prune_spool
+
+    write_files(tmp_path, hours=(0,))
+    empty_old = tmp_path / "flows" / "date=2026-01-01" / "hour=05"
+    empty_new = tmp_path / "flows" / "date=2026-01-01" / "hour=06"
+    empty_old.mkdir()
+    empty_new.mkdir()
+    os.utime(empty_old, (1, 1))
+    assert prune_spool(tmp_path, older_than=3600) == 1
+    assert not empty_old.exists() and empty_new.exists()
+    assert len(spool_files(tmp_path)) == 1  # a directory with a file stays, whatever its age
+    os.utime(tmp_path / "flows" / "date=2026-01-01" / "hour=00", (1, 1))
+    assert prune_spool(tmp_path, older_than=3600) == 0 and len(spool_files(tmp_path)) == 1
