@@ -40,10 +40,11 @@ soak: $(STAMP)
 	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python bench/soak.py
 
 # Benchmarks are scripts that print numbers (see BENCHMARKS.md); not part of `make test`.
+# The suite of issue 6 (ingest drain live replay flows growth; about 30 minutes), peers
+# installed on demand; one part: `make bench PART=drain`.
+PART ?=
 bench: $(STAMP)
-	$(BIN)/python bench/decode.py
-	$(BIN)/python bench/capture.py
-	$(BIN)/python bench/ingest.py --runs 3
+	$(BIN)/python bench/run.py $(PART)
 
 # Coverage-guided fuzzing (atheris) of the decoders, capture readers, sessions and config
 # loaders, FUZZ_SECONDS per target; failing inputs land in fuzz/crashes/ (docs/robustness.md).
