@@ -14,6 +14,7 @@ from collector.query.remote import httpfs_extension_path, s3_secret_sql
 from collector.store.objectstore import AWSSettings, Uploader, s3_filesystem
 from collector.store.schema import FLOWS
 from collector.store.writer import DatasetWriter
+from tests.objectstore import S3Store
 
 UTC = dt.timezone.utc
 QUERIES = [
@@ -47,17 +48,25 @@ def flows(collector_id, seed):
     return pa.Table.from_pylist(rows, schema=FLOWS)
 
 
-@pytest.fixture
-def dataset(s3_store, tmp_path):
-    """The same files in a local directory and under the store's prefix."""
+@pytest.fixture(scope="module")
+def shared_dataset(s3_server, tmp_path_factory):
+    """The same files in a local directory and under a prefix of the store (made once)."""
+    tmp_path = tmp_path_factory.mktemp("remote")
+    store = S3Store(s3_server)
     local, spool = tmp_path / "local", tmp_path / "spool"
     for root in (local, spool):
         for collector_id, seed in (("a1", 0), ("b2", 1)):
             writer = DatasetWriter(root, "flows", collector_id=collector_id, writer_id="w0")
             writer.write(flows(collector_id, seed))
             writer.close()
-    assert Uploader(spool, s3_store.url, filesystem=s3_filesystem()).run_once()
-    return local, s3_store
+    assert Uploader(spool, store.url, filesystem=s3_server.filesystem()).run_once()
+    return local, store
+
+
+@pytest.fixture
+def dataset(shared_dataset, s3_store):
+    """`shared_dataset`, with the store's AWS variables in os.environ (s3_store sets them)."""
+    return shared_dataset
 
 
 def test_httpfs_comes_from_the_wheel():
