@@ -75,7 +75,8 @@ def run(tmp_path_factory) -> Run:
             servers.append(h.Server(workdir, workers=1, collector_id=name, data=url,
                                     env=store.process_env(),
                                     extra=("--spool", workdir / "spool", "--control",
-                                           "--store-unhealthy-after", "1")))
+                                           "--store-unhealthy-after", "1",
+                                           "--shutdown-timeout", "4")))
         a, b = servers
         result.a, result.b = a, b
         for server in servers:
@@ -109,8 +110,15 @@ def run(tmp_path_factory) -> Run:
                 assert spool_count(metrics) > 0 and metrics.value("collector_spool_bytes") > 0
                 assert metrics.value("collector_upload_failures_total") > 0
                 assert metrics.value("collector_store_reachable") == 0
+            # B restarts while the store is down: its queued files stay in the spool for the
+            # next process (whose own shutdown flows join them)
+            assert b.stop() == 0
+            assert "stay in the spool" in b.stderr()
             result.queued = {s.collector_id: sorted(p.name for p in (s.workdir / "spool").rglob("*.parquet"))
                              for s in servers}
+            b.start()
+            b.wait_health(503, timeout=20, reason="spool:")
+            received[b.collector_id] = 0  # a new process counts from zero
             # 3: it comes back: the spools drain, health returns
             store.start()
             for server in servers:
@@ -147,7 +155,7 @@ def test_both_appliances_stop_cleanly_with_empty_spools(run):
     assert run.codes == [0, 0], run.a.log_tail() + run.b.log_tail()
     for server in (run.a, run.b):
         assert list((server.workdir / "spool").rglob("*.parquet")) == []
-    # files did wait in both spools during the outage
+    # files did wait in both spools during the outage (B's across its restart)
     assert run.queued["appliance-a"] and run.queued["appliance-b"]
 
 
