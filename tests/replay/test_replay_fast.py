@@ -235,3 +235,23 @@ def _udp_datagrams(path: Path) -> list[bytes]:
         udp[6:8] = b"\0\0"
         out.append(bytes(udp))
     return out
+
+
+def test_a_target_with_nothing_listening_is_never_silent_on_either_path(mixed, monkeypatch):
+    """Nothing listening: ICMP port unreachable makes a later send on the same socket fail
+    with ECONNREFUSED. Within one sendmmsg call the kernel reports it only to the next call,
+    so the batch path counts fewer failures than one send per datagram does, but the
+    refusal is still counted and said (sent + failed = all, failures by errno)."""
+    for pure in (False, True):
+        monkeypatch.setenv("COLLECTOR_PURE_PYTHON", "1" if pure else "0")
+        sink = Sink()
+        target = sink.target
+        sink.close()
+        summary = replay([mixed], target, ReplayOptions(vni=3, topspeed=True, pool_size=0))
+        assert summary.packets + summary.failed == 400
+        assert dict(summary.stats.errors) == ({"ECONNREFUSED": summary.failed}
+                                              if summary.failed else {})
+        assert summary.stats.refused >= max(summary.failed, 1)
+        assert "The target refused datagrams" in summary.format()
+        if pure:
+            assert summary.failed > 0
