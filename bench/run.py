@@ -26,7 +26,7 @@ from common import cache_dir, print_header  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 PARTS = {
     "ingest": ["ingest.py", "--packets", "1000000", "--flows", "10000", "--runs", "3"],
-    "drain": ["drain.py", "--count", "300000", "--runs", "3", "--workers", "1,2"],
+    "drain": ["drain.py", "--count", "300000", "--runs", "3", "--workers", "1,2", "--profile"],
     "live": ["live.py", "--hold", "10", "--confirm", "30", "--workers", "1,2",
              "--start", "40000", "--bisect", "2"],
     "replay": ["replay.py", "--packets", "200000", "--flows", "2000", "--runs", "3"],
