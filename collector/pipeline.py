@@ -30,6 +30,10 @@ from collector.store.rows import flows_batch, packets_batch, sessions_batch
 from collector.store.writer import DatasetWriter
 
 
+MAX_VNI_LABELS = 1024  # per worker: VNIs counted on their own in session_packets/bytes
+OTHER_VNI = -2  # the key of every VNI past that bound that no session names (-1: no VNI)
+
+
 @dataclass
 class Counters:
     """What came in and what became of it. datagrams = decoded + sum(malformed)."""
@@ -130,10 +134,16 @@ class Pipeline:
         wire = np.where(batch.wire_len[ok] >= 0, batch.wire_len[ok], 0)
         sums = np.bincount(np.searchsorted(vnis, batch.vni[ok]), weights=wire, minlength=len(vnis))
         for vni, packets, wire_bytes in zip(vnis.tolist(), counts.tolist(), sums.tolist()):
+            known = self.registry is not None and vni >= 0 and self.registry.lookup(vni) is not None
+            if self.registry is not None and vni >= 0 and not known:
+                c.unknown_vni += packets
+            if not known and vni not in c.session_packets and len(c.session_packets) >= MAX_VNI_LABELS:
+                # Anyone can send any of 2**24 VNIs: past the bound, VNIs no session names share
+                # one label instead of growing memory and /metrics with every one (a hostile
+                # sender made 450,000 labels in 600,000 datagrams).
+                vni = OTHER_VNI
             c.session_packets[vni] += packets
             c.session_bytes[vni] += int(wire_bytes)
-            if self.registry is not None and vni >= 0 and self.registry.lookup(vni) is None:
-                c.unknown_vni += packets
 
     def _write_packets(self, batch: PacketBatch, ts_ns, buf, lengths) -> None:
         rows = np.flatnonzero(batch.reason == 0)

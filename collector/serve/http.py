@@ -315,7 +315,9 @@ class _Metrics:
                 entry[0] += count
                 entry[1] += s.session_bytes.get(vni, 0)
         for vni, (count, size) in sorted(totals.items()):
-            labels = ["" if vni < 0 else str(vni), names.get(vni, "")]
+            # -1: no VNI (a GENEVE datagram without VXLAN); -2: VNIs no session names, past
+            # the bound on labels (collector/pipeline.py MAX_VNI_LABELS)
+            labels = ["" if vni == -1 else "other" if vni < 0 else str(vni), names.get(vni, "")]
             packets.add_metric(labels, count)
             wire.add_metric(labels, size)
         yield packets
