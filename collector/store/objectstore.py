@@ -253,7 +253,7 @@ class Uploader:
 
     def __init__(self, spool: str | os.PathLike, url: str, *, filesystem: pafs.FileSystem | None = None,
                  max_files: int = 100_000, max_bytes: int = 8 << 30, unhealthy_after: float = 60.0,
-                 interval: float = 0.5, initial_backoff: float = 0.5, max_backoff: float = 10.0,
+                 interval: float = 0.5, initial_backoff: float = 0.5, max_backoff: float = 5.0,
                  threads: int = 4, clock=time.monotonic) -> None:
         self.spool = Path(spool)
         self.url = StoreURL.parse(url)
