@@ -105,6 +105,7 @@ _OUTER = struct.Struct("!14sHHHHHH4s4sHHHHII")
 _OUTER_ETH = OUTER_DST_MAC + OUTER_SRC_MAC + b"\x08\x00"
 _OUTER_LEN = 50
 _ZEROS = bytes(1600)
+DEFAULT_CACHE = Path(tempfile.gettempdir()) / "collector-bench-ingest"  # bench/flows.py too
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -596,8 +597,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row (0: none)")
     parser.add_argument("--keep", metavar="DIR", type=Path,
                         help="keep the datasets the last collector runs wrote in DIR")
-    parser.add_argument("--cache", metavar="DIR", type=Path,
-                        default=Path(tempfile.gettempdir()) / "collector-bench-ingest",
+    parser.add_argument("--cache", metavar="DIR", type=Path, default=DEFAULT_CACHE,
                         help="where generated captures are cached (default: %(default)s)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one in-process ingest of the VXLAN capture")
