@@ -40,13 +40,12 @@ class StartupError(RuntimeError):
     """The appliance cannot start; the message is one line for the operator."""
 
 
-def _worker_main(index: int, config: ServeConfig, conn, registry: SessionRegistry | None) -> None:
-    """Entry point of a worker process."""
+def _worker_main(index: int, config: ServeConfig, conn, registry: SessionRegistry | None,
+                 sockets: list[tuple[str, int, socket.socket]]) -> None:
+    """Entry point of a worker process. `sockets`: (listener, port, socket) that the
+    supervisor opened for this worker and keeps open across its restarts."""
     logs.setup(config.log_format)
-    listeners = [Listener("vxlan", VXLAN_PORT, open_listener(config.listen, config.rcvbuf)[0])]
-    if config.geneve_listen is not None:
-        listeners.append(Listener("geneve", GENEVE_PORT,
-                                  open_listener(config.geneve_listen, config.rcvbuf)[0]))
+    listeners = [Listener(name, port, sock) for name, port, sock in sockets]
     # The supervisor's map is the one in force: not the files, which may have changed since.
     _stop_with_parent()
     worker: Worker | None = None
@@ -97,6 +96,10 @@ class Supervisor:
         self._writable: tuple[float, str | None] = (0.0, None)
         self.http: HealthServer | None = None
         self._pipe_lock = threading.Lock()  # the HTTP thread (flush) and the main loop send
+        # Each worker's sockets, opened once by the supervisor: a worker that dies (SIGKILL,
+        # a crash) takes only its copies with it, so what the kernel queued for it meanwhile
+        # waits for its replacement instead of being lost with a closed socket.
+        self.sockets: dict[int, list[tuple[str, int, socket.socket]]] = {}
         self._flush_seq = 0
         self.uploader = None  # with --data s3://...: the spool's Uploader (objectstore.py)
 
@@ -190,6 +193,11 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
+        try:
+            for index in range(self.config.workers):
+                self.sockets[index] = self._open_sockets()
+        except OSError as err:
+            raise StartupError(f"--listen {self.config.listen}: {err.strerror or err}") from None
         for index in range(self.config.workers):
             self._spawn(index)
         self.http.start()
@@ -209,10 +217,19 @@ class Supervisor:
             code = self._shutdown()
         return code
 
+    def _open_sockets(self) -> list[tuple[str, int, socket.socket]]:
+        sockets = [("vxlan", VXLAN_PORT, open_listener(self.config.listen, self.config.rcvbuf)[0])]
+        if self.config.geneve_listen is not None:
+            sockets.append(("geneve", GENEVE_PORT,
+                            open_listener(self.config.geneve_listen, self.config.rcvbuf)[0]))
+        return sockets
+
     def _spawn(self, index: int) -> None:
         parent, child = _CONTEXT.Pipe(duplex=True)
+        # The sockets go to the child as file descriptors (spawn passes them at exec).
         process = _CONTEXT.Process(target=_worker_main,
-                                   args=(index, self.config, child, self.registry),
+                                   args=(index, self.config, child, self.registry,
+                                         self.sockets[index]),
                                    name=f"collector-worker-{index}", daemon=False)
         process.start()
         child.close()
@@ -229,7 +246,9 @@ class Supervisor:
             previous = self.snapshots.get(snapshot.worker)
             if previous is not None and previous.pid != snapshot.pid:
                 # A restarted worker counts from zero: keep its predecessor's counts so that
-                # the totals (Prometheus counters) never go backwards.
+                # the totals (Prometheus counters) never go backwards. Not its kernel drops:
+                # those are the socket's own counter, which the successor reads on.
+                previous.kernel_drops = {}
                 self.retired.append(previous)
             self.snapshots[snapshot.worker] = snapshot
 
@@ -247,6 +266,9 @@ class Supervisor:
         for process in self.processes.values():
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
+        for sockets in self.sockets.values():
+            for _, _, sock in sockets:
+                sock.close()  # the workers' copies stay open until they have drained them
         deadline = time.monotonic() + self.config.shutdown_timeout
         while any(p.is_alive() for p in self.processes.values()) and time.monotonic() < deadline:
             self._read_reports(timeout=0.1)

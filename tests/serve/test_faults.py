@@ -170,7 +170,7 @@ class SamePorts(CollectorServer):
 # -- SIGKILL ---------------------------------------------------------------------------------
 
 
-RATE, SECONDS = 800.0, 9.0
+RATE, SECONDS = 800.0, 7.0
 TIMEOUTS = dict(idle_timeout=1, active_timeout=2)
 FLUSH = 1.0
 
@@ -182,7 +182,11 @@ def window(sender: PacedSender, killed_at: float, back_at: float) -> tuple[float
     return killed_at - memory, back_at
 
 
-def measure_loss(data: Path, sender: PacedSender, killed_at: float, back_at: float) -> dict:
+def measure_loss(data: Path, sender: PacedSender, killed_at: float, back_at: float,
+                 gap_loses: bool = True) -> dict:
+    """Loss per flow; every datagram lost must have been sent in the window. A worker's
+    restart loses nothing of the gap (`gap_loses` False): its sockets are the supervisor's,
+    and the kernel queues for the replacement meanwhile."""
     stored = stored_per_flow(data)
     lost_flows = {}
     for i in range(0, len(sender.payloads), PER_FLOW):
@@ -191,7 +195,7 @@ def measure_loss(data: Path, sender: PacedSender, killed_at: float, back_at: flo
             lost_flows[flow] = PER_FLOW - stored.get(flow, 0)
     assert all(v > 0 for v in lost_flows.values()), "a flow has more packets than were sent"
     lost = sum(lost_flows.values())
-    low, high = window(sender, killed_at, back_at)
+    low, high = window(sender, killed_at, back_at if gap_loses else killed_at)
     times = [sender.sent_at[flow * PER_FLOW - sender.first] for flow in lost_flows]
     outside = [t - killed_at for t in times if not low - 0.05 <= t <= high + 0.05]
     bound = RATE * (high - low)
@@ -208,13 +212,13 @@ def measure_loss(data: Path, sender: PacedSender, killed_at: float, back_at: flo
 def test_sigkill_of_the_worker_mid_write_loses_only_what_it_held(tmp_path):
     """One worker (so the kill takes the whole receive path): SIGKILL at a random moment of a
     steady send; the supervisor restarts it; every file stays whole, the temporaries it left
-    are removed, and the loss is what it held in memory plus the restart gap."""
+    are removed, and the loss is what it held in memory: nothing sent during the restart."""
     rng = random.Random()
     server = CollectorServer(tmp_path, workers=1, flush_seconds=FLUSH, **TIMEOUTS).start()
     try:
         sender = PacedSender(server.vxlan[1], int(RATE * SECONDS), RATE)
         sender.start()
-        time.sleep(rng.uniform(3.0, 5.0))
+        time.sleep(rng.uniform(2.5, 4.0))
         (pid,) = worker_pids(server)
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -231,7 +235,7 @@ def test_sigkill_of_the_worker_mid_write_loses_only_what_it_held(tmp_path):
     assert "worker 0 (pid" in server.log() and "restarting it" in server.log()
     assert check_every_file_is_whole(server.data_dir) > 0
     assert hidden_files(server.data_dir) == []
-    measure_loss(server.data_dir, sender, killed_at, back_at)
+    measure_loss(server.data_dir, sender, killed_at, back_at, gap_loses=False)
 
 
 def test_sigkill_of_the_whole_service_then_restart_on_the_same_data(tmp_path):
@@ -244,7 +248,7 @@ def test_sigkill_of_the_whole_service_then_restart_on_the_same_data(tmp_path):
     sender = PacedSender(server.vxlan[1], int(RATE * SECONDS), RATE)
     try:
         sender.start()
-        time.sleep(rng.uniform(3.0, 5.0))
+        time.sleep(rng.uniform(2.5, 4.0))
         # A temporary as a writer killed mid-write leaves it (the kill below may or may not
         # catch one of its own): the next start must remove it, and only ours.
         part = server.data_dir / "flows" / "date=2026-01-01" / "hour=00"
@@ -346,7 +350,7 @@ def test_past_max_pending_bytes_rows_are_dropped_counted_and_logged(tmpfs):
     server = on_tmpfs(tmpfs, "--max-pending-bytes", "20K")
     try:
         filler = fill(tmpfs)
-        for first in range(0, 2000, 250):
+        for first in range(0, 1000, 250):
             send_flows(server, first, 250)
             server.flush()
         wait_health(server, 503, "last flush failed", timeout=10)
@@ -360,7 +364,7 @@ def test_past_max_pending_bytes_rows_are_dropped_counted_and_logged(tmpfs):
         written = metrics.value("collector_rows_written_total")
         dropped = metrics.value("collector_rows_dropped_total")
         exported = metrics.value("collector_flows_exported_total")
-        assert written + dropped == exported == 2000, (written, dropped, exported)
+        assert written + dropped == exported == 1000, (written, dropped, exported)
         assert sum(1 for _ in stored_per_flow(server.data_dir)) == written
         server.stop()
     except CollectorServerError:
@@ -434,20 +438,21 @@ def test_wall_clock_steps_lose_nothing_and_keep_partitions_on_receive_time(tmp_p
                 time.sleep(0.1)
             offset.write_text(step + "\n")
         sender.join()
-        server.sent = len(sender.payloads)
-        server.flush()
+        server.wait_received(len(sender.payloads))
         real_end = time.time()
         assert not unhealthy, unhealthy[:3]
-        con = connect(server.data_dir)
-        total, low, high = con.execute(
-            "SELECT sum(packets + rev_packets), min(epoch(first_seen)), max(epoch(last_seen)) "
-            "FROM flows").fetchone()
-        con.close()
-        assert total == 4000
-        assert real_start - 1 <= low and high <= real_end + 1  # receive times: not faked
+        # Not POST /flush: under libfaketime 0.9.10 the supervisor's time.sleep fails with
+        # EINVAL (its clock_nanosleep wrapper), an artifact of the tool. A stop writes all.
         assert server.stop() == 0
     finally:
         server.kill()
+    con = connect(server.data_dir)
+    total, low, high = con.execute(
+        "SELECT sum(packets + rev_packets), min(epoch(first_seen)), max(epoch(last_seen)) "
+        "FROM flows").fetchone()
+    con.close()
+    assert total == 4000
+    assert real_start - 1 <= low and high <= real_end + 1  # receive times: not faked
     assert server.log().count("wall clock stepped") >= 2 * 3  # each worker saw each step
 
 
@@ -466,20 +471,23 @@ def test_sighup_storm_during_traffic(tmp_path):
         sender = PacedSender(server.vxlan[1], 3000, 600.0)
         sender.start()
         start = time.monotonic()
-        changed = False
+        changed, signals = False, 0
         while time.monotonic() - start < 4:
             os.kill(server.pid, signal.SIGHUP)
+            signals += 1
             if not changed and time.monotonic() - start > 2:
-                document = json.loads(SEED_SESSIONS.read_text())
-                extra = dict(document["TrafficMirrorSessions"][0])
-                extra.update(TrafficMirrorSessionId="tms-0storm0000000000", VirtualNetworkId=4242)
-                document["TrafficMirrorSessions"].append(extra)
+                seed = json.loads(SEED_SESSIONS.read_text())["TrafficMirrorSession"]
+                extra = dict(seed, TrafficMirrorSessionId="tms-0storm0000000000",
+                             VirtualNetworkId=4242, SessionNumber=2)
+                document = {"TrafficMirrorSessions": [seed, extra]}
                 temporary = sessions.with_suffix(".tmp")
                 temporary.write_text(json.dumps(document))
                 os.replace(temporary, sessions)
                 changed = True
             time.sleep(0.002)
         sender.join()
+        print(f"\nSIGHUP storm: {signals} signals in 4 s ({signals / 4:.0f}/s)")
+        assert signals >= 400
         server.sent = len(sender.payloads)
         time.sleep(1.5)  # the last reload reaches the workers
         server.send(datagram(n, vni=4242) for n in range(10_000 * PER_FLOW, 10_200 * PER_FLOW))
