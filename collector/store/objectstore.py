@@ -284,19 +284,27 @@ class Uploader:
         for start in range(0, len(pending), 64):
             batch = pending[start:start + 64]
             results = list(self._pool.map(self._upload_one, batch))
-            errors = [error for error in results if error]
-            if errors:
-                self._failed(errors[0], len(errors))
+            store_errors = [message for kind, message in filter(None, results) if kind == "store"]
+            local_errors = [message for kind, message in filter(None, results) if kind == "local"]
+            if local_errors:
+                # A spool file we cannot read says nothing about the store: counted and logged,
+                # and the files after it still go up (one bad file must not stop the spool).
+                self._failed(local_errors[0], len(local_errors), store_down=False)
                 ok = False
-                break
+            if store_errors:
+                ok = False
+                if len(store_errors) == len(batch) - len(local_errors):
+                    self._failed(store_errors[0], len(store_errors))
+                    break  # the store is down: back off
+                self._failed(store_errors[0], len(store_errors), store_down=False)  # transient
             if start + 64 < len(pending) and self._deadline_passed():
                 ok = False
                 break
         self._count(spool_files(self.spool))
         return ok and self.stats.spool_files == 0
 
-    def _upload_one(self, item: tuple[str, int]) -> str | None:
-        """Upload one spool file and delete it; None, or what went wrong (one line)."""
+    def _upload_one(self, item: tuple[str, int]) -> tuple[str, str] | None:
+        """Upload one spool file and delete it; None, or ("local" | "store", what went wrong)."""
         relative, _ = item
         local = self.spool / relative
         try:
@@ -306,16 +314,16 @@ class Uploader:
         except FileNotFoundError:
             return None  # uploaded and deleted by an earlier pass
         except OSError as error:
-            return f"{local}: cannot read: {error.strerror or error}"
+            return "local", f"{local}: cannot read: {error.strerror or error}"
         key = self.url.key(relative)
         try:
             with self.filesystem.open_output_stream(key) as out:
                 out.write(data)
             stored = self.filesystem.get_file_info(key)
             if stored.size != len(data):
-                return f"{SCHEME}{key}: stored {stored.size} bytes of {len(data)}"
+                return "store", f"{SCHEME}{key}: stored {stored.size} bytes of {len(data)}"
         except OSError as error:
-            return f"{SCHEME}{key}: {_one_line(error)}"
+            return "store", f"{SCHEME}{key}: {_one_line(error)}"
         try:
             local.unlink()
         except FileNotFoundError:
@@ -328,13 +336,14 @@ class Uploader:
             self._failures_in_a_row = 0
         return None
 
-    def _failed(self, error: str, count: int) -> None:
+    def _failed(self, error: str, count: int, store_down: bool = True) -> None:
         with self._lock:
             self.stats.upload_failures += count
             self.stats.last_error = error
-            if self.stats.unreachable_since is None:
-                self.stats.unreachable_since = self.clock()
-            self._failures_in_a_row += 1
+            if store_down:
+                if self.stats.unreachable_since is None:
+                    self.stats.unreachable_since = self.clock()
+                self._failures_in_a_row += 1
         log.warning("upload to %s failed (%d file(s) waiting in %s): %s", self.url,
                     self.stats.spool_files, self.spool, error)
 

@@ -170,3 +170,18 @@ def test_prune_removes_only_old_empty_partition_directories(tmp_path):
     assert len(spool_files(tmp_path)) == 1  # a directory with a file stays, whatever its age
     os.utime(tmp_path / "flows" / "date=2026-01-01" / "hour=00", (1, 1))
     assert prune_spool(tmp_path, older_than=3600) == 0 and len(spool_files(tmp_path)) == 1
+
+
+def test_an_unreadable_spool_file_neither_blocks_the_others_nor_reads_as_an_outage(s3_store, tmp_path):
+    writer = DatasetWriter(tmp_path, "flows", collector_id="c1", writer_id="w0", max_rows=1)
+    writer.write(pa.Table.from_pylist(
+        [{"vni": 1, "first_seen": dt.datetime(2026, 1, 1, 0, i % 60, i // 60, tzinfo=UTC), "packets": 1}
+         for i in range(70)], schema=FLOWS))  # 70 files: more than one batch of 64
+    writer.close()
+    poison = tmp_path / "flows" / "date=2026-01-01" / "hour=00" / "0-poison.parquet"
+    poison.mkdir()  # sorts first; reading it fails (a directory: even root cannot read it)
+    up = uploader(tmp_path, s3_store.url)
+    assert not up.run_once()
+    assert len(s3_store.objects()) == 70 and spool_files(tmp_path) == [(poison.relative_to(tmp_path).as_posix(), poison.stat().st_size)]
+    assert "0-poison.parquet: cannot read" in up.stats.last_error
+    assert up.stats.unreachable_since is None and up.health_reasons() == [] and up.backoff() == up.interval
