@@ -9,6 +9,12 @@ query latency over 10,000,000 flows.
    cache). Every flow stays active to the end (50 s of traffic, under the 60 s timeouts),
    so the difference of the peaks over the difference of the flows is what one active flow
    costs, input buffers and code alike cancelling out.
+   The peak includes exporting all N flows to Arrow and Parquet at the end, so this is the
+   process's cost per flow, not the flow table's alone. For the table alone:
+1b. The flow table in this process (collector.flows.fast.FastFlowTable, the C table that
+   `Pipeline.feed` uses): N distinct UDP flows of synthetic VXLAN datagrams fed in batches of
+   4096 through the compiled decode_batch; bytes per active flow by the table's own account
+   (`memory()`) and by this process's RSS growth.
 2. Parquet bytes per flow row: the files that ingest of N flows wrote, over their rows.
 3. Queries over --rows (10,000,000) flow rows generated directly as Parquet (numpy + Arrow,
    fixed seed) through collector's own DatasetWriter in the dataset layout (hour
@@ -109,6 +115,48 @@ def memory_and_storage(active: int, runs: int) -> None:
           f"= {per_flow:,.0f} bytes ({'met' if per_flow <= 200 else 'NOT met'}: <= 200)")
     print(f"Parquet per flow row: {size:,} bytes / {rows:,} rows = {size / rows:.1f} bytes "
           f"({'met' if size / rows <= 40 else 'NOT met'}: <= 40)")
+
+
+def table_memory(active: int) -> None:
+    from collector import build
+    from collector.flows import FlowConfig
+    from collector.flows import fast
+
+    if not fast.available():
+        print("flow table: collector._fastflow is not built; skipped")
+        return
+    inner = build.ethernet(build.ipv4(build.udp(b"x" * 20, sport=1, dport=2, ip_src="10.1.0.1",
+                                                ip_dst="10.2.0.1"),
+                                      src="10.1.0.1", dst="10.2.0.1", proto=build.UDP))
+    template = np.frombuffer(build.vxlan(inner, vni=7159709), np.uint8)
+    sport_at = 8 + 14 + 20  # VXLAN, Ethernet, IPv4: the inner UDP ports, then its checksum
+    batch_rows = 4096
+    buf = np.zeros((batch_rows, 192), np.uint8)
+    buf[:, :len(template)] = template
+    buf[:, sport_at + 6:sport_at + 8] = 0  # no UDP checksum (IPv4 allows it)
+    lengths = np.full(batch_rows, len(template), np.int64)
+    table = fast.FastFlowTable(FlowConfig(max_flows=max(active, 1) * 2))
+    rss_before = _rss()
+    start_ns = 1_764_115_200 * 10**9
+    for first in range(0, active, batch_rows):
+        n = min(batch_rows, active - first)
+        flow = np.arange(first, first + n, dtype=np.uint32)
+        buf[:n, sport_at:sport_at + 2] = (flow >> 16).astype(">u2").view(np.uint8).reshape(n, 2)
+        buf[:n, sport_at + 2:sport_at + 4] = (flow & 0xFFFF).astype(">u2").view(
+            np.uint8).reshape(n, 2)
+        ts = start_ns + np.arange(n, dtype=np.int64) * 1000 + first * 1000
+        table.add_batch(fast.decode_batch(buf[:n], lengths[:n]), ts)
+    grown = _rss() - rss_before
+    flows = len(table)
+    per_flow = table.memory() / flows
+    print(f"flow table at {flows:,} active flows: {table.memory():,} bytes by its own account = "
+          f"{per_flow:,.0f} bytes per flow; process RSS grew {grown / flows:,.0f} bytes per flow "
+          f"({'met' if max(per_flow, grown / flows) <= 200 else 'NOT met'}: <= 200)")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # -- 3: queries over generated rows -------------------------------------------------------------
@@ -213,6 +261,7 @@ def main() -> None:
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     print_header("flows: memory per active flow, Parquet per row, queries over many flows")
     if not args.skip_memory:
+        table_memory(args.active)
         memory_and_storage(args.active, args.runs)
     query_latency(args.rows, args.runs)
 
