@@ -174,9 +174,10 @@ def test_prune_removes_only_old_empty_partition_directories(tmp_path):
 
 def test_an_unreadable_spool_file_neither_blocks_the_others_nor_reads_as_an_outage(s3_store, tmp_path):
     writer = DatasetWriter(tmp_path, "flows", collector_id="c1", writer_id="w0", max_rows=1)
-    writer.write(pa.Table.from_pylist(
-        [{"vni": 1, "first_seen": dt.datetime(2026, 1, 1, 0, i % 60, i // 60, tzinfo=UTC), "packets": 1}
-         for i in range(70)], schema=FLOWS))  # 70 files: more than one batch of 64
+    for i in range(70):  # 70 files: more than one batch of 64
+        writer.write(pa.Table.from_pylist(
+            [{"vni": 1, "first_seen": dt.datetime(2026, 1, 1, 0, i % 60, tzinfo=UTC), "packets": 1}],
+            schema=FLOWS))
     writer.close()
     poison = tmp_path / "flows" / "date=2026-01-01" / "hour=00" / "0-poison.parquet"
     poison.mkdir()  # sorts first; reading it fails (a directory: even root cannot read it)
