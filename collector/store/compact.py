@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from collector.store.manifest import (COMPACTED_PREFIX, HIDDEN_PREFIX, Location, Manifest,
                                       compacted_name, is_live, list_files, location_of,
-                                      manifest_paths, read_manifest, split_data_path,
+                                      manifest_paths, partition_listing, read_manifest,
                                       write_manifest)
 from collector.store.schema import METADATA, TABLES
 from collector.store.writer import PARTITION_COLUMN
@@ -133,12 +133,7 @@ def _lock(location: Location, dry_run: bool):
 
 def _partitions(location: Location, table: str) -> dict[str, set[str]]:
     """partition -> names of the files in it (every name, temporaries included)."""
-    found: dict[str, set[str]] = {}
-    for info in list_files(location, location.join(table)):
-        parts = split_data_path(location, table, info.path)
-        if parts is not None:
-            found.setdefault(parts[0], set()).add(parts[1])
-    return found
+    return {partition: set(names) for partition, names in partition_listing(location, table).items()}
 
 
 def _partition(location: Location, table: str, partition: str, names: set[str], now: float,
@@ -169,8 +164,8 @@ def _partition(location: Location, table: str, partition: str, names: set[str], 
 
 def _names(location: Location, table: str, partition: str) -> set[str]:
     prefix = location.join(table, partition) + "/"
-    return {info.path[len(prefix):] for info in list_files(location, prefix.rstrip("/"))
-            if "/" not in info.path[len(prefix):]}
+    return {path[len(prefix):] for path in list_files(location, prefix.rstrip("/"))
+            if "/" not in path[len(prefix):]}
 
 
 def _inputs(names: set[str], manifest: Manifest, target_rows: int) -> list[str]:

@@ -153,10 +153,14 @@ def _partition_of(relative: str) -> str | None:
     return relative if _PARTITION.match(relative) else None
 
 
-def list_files(location: Location, base: str) -> list[pafs.FileInfo]:
-    """Every file below `base` (recursively); none when it does not exist."""
+def list_files(location: Location, base: str) -> list[str]:
+    """The paths of every file below `base` (recursively); none when it does not exist."""
+    if location.is_local:
+        # os.walk reads directory entries without a stat per file: ~4x faster than pyarrow's
+        # listing over a month of uncompacted partitions, and a reader lists at every query
+        return [f"{directory}/{name}" for directory, _, names in os.walk(base) for name in names]
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-    return [info for info in location.filesystem.get_file_info(selector)
+    return [info.path for info in location.filesystem.get_file_info(selector)
             if info.type == pafs.FileType.File]
 
 
@@ -186,14 +190,14 @@ def latest_manifests(location: Location, table: str, cache: ManifestCache | None
     base = location.join(table, MANIFESTS)
     for attempt in range(attempts):
         latest: dict[str, tuple[int, str]] = {}
-        for info in list_files(location, base):
-            directory, _, name = info.path[len(base) + 1:].rpartition("/")
+        for path in list_files(location, base):
+            directory, _, name = path[len(base) + 1:].rpartition("/")
             match = _GENERATION.match(name)
             partition = _partition_of(directory)
             if match and partition:
                 generation = int(match.group(1))
                 if generation > latest.get(partition, (-1, ""))[0]:
-                    latest[partition] = (generation, info.path)
+                    latest[partition] = (generation, path)
         try:
             return {partition: (path, cache.read(location, path))
                     for partition, (_, path) in latest.items()}
@@ -217,8 +221,8 @@ def read_manifest(location: Location, table: str, partition: str,
 def manifest_paths(location: Location, table: str, partition: str) -> list[str]:
     """The manifest generation files of a partition, oldest first."""
     directory = manifest_dir(location, table, partition)
-    return sorted(info.path for info in list_files(location, directory)
-                  if _GENERATION.match(info.path.rpartition("/")[2]))
+    return sorted(path for path in list_files(location, directory)
+                  if _GENERATION.match(path.rpartition("/")[2]))
 
 
 def write_manifest(location: Location, table: str, partition: str, manifest: Manifest) -> str:
@@ -269,6 +273,23 @@ def split_data_path(location: Location, table: str, path: str) -> tuple[str, str
     return (partition, name) if partition else None
 
 
+def partition_listing(location: Location, table: str) -> dict[str, list[str]]:
+    """partition ('date=D/hour=H') -> the names of the files directly in it."""
+    base = location.join(table)
+    found: dict[str, list[str]] = {}
+    if location.is_local:
+        for directory, _, names in os.walk(base):
+            partition = _partition_of(directory[len(base) + 1:])
+            if partition and names:
+                found[partition] = names
+        return found
+    for path in list_files(location, base):
+        parts = split_data_path(location, table, path)
+        if parts is not None:
+            found.setdefault(parts[0], []).append(parts[1])
+    return found
+
+
 def live_files(data: str | os.PathLike | Location, table: str,
                cache: ManifestCache | None = None) -> list[str]:
     """The files a reader of `table` reads now (URIs DuckDB and pyarrow open), sorted.
@@ -278,19 +299,24 @@ def live_files(data: str | os.PathLike | Location, table: str,
     location = location_of(data)
     manifests = latest_manifests(location, table, cache)
     empty = Manifest()
-    chosen: dict[tuple[str, str], str] = {}  # (partition, logical name) -> path
-    for info in list_files(location, location.join(table)):
-        parts = split_data_path(location, table, info.path)
-        if parts is None:
-            continue
-        partition, name = parts
+    base = location.join(table)
+    files = []
+    for partition, names in partition_listing(location, table).items():
+        directory = f"{location.uri_prefix}{base}/{partition}/"
         manifest = manifests.get(partition, (None, empty))[1]
-        if not is_live(name, manifest):
+        if manifest is empty:  # the common case, kept fast: writer files, nothing compacted
+            files.extend(directory + name for name in names
+                         if name.endswith(".parquet") and name[0] not in "._" and "~" not in name)
             continue
-        logical = compacted_name(name)
-        # '~' is in no writer file name: a compacted file's key never equals a plain one's
-        key = (partition, name if logical is None else "~" + logical)
-        # both names of a compacted file listed: read the published one (it stays)
-        if key not in chosen or name.startswith(COMPACTED_PREFIX):
-            chosen[key] = info.path
-    return sorted(location.uri(path) for path in chosen.values())
+        chosen: dict[str, str] = {}  # logical name -> file name
+        for name in names:
+            if not is_live(name, manifest):
+                continue
+            logical = compacted_name(name)
+            # '~' is in no writer file name: a compacted file's key never equals a plain one's
+            key = name if logical is None else "~" + logical
+            # both names of a compacted file listed: read the published one (it stays)
+            if key not in chosen or name.startswith(COMPACTED_PREFIX):
+                chosen[key] = name
+        files.extend(directory + name for name in chosen.values())
+    return sorted(files)
