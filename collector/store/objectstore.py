@@ -392,7 +392,9 @@ class Uploader:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(max(0.0, self._deadline - self.clock()))
-        return self.drain(max(0.0, self._deadline - self.clock()))
+        left = self.drain(max(0.0, self._deadline - self.clock()))
+        self._pool.shutdown(wait=False, cancel_futures=True)  # an upload still hung ends alone
+        return left
 
     def drain(self, timeout: float) -> int:
         """Passes until the spool is empty or `timeout` seconds passed; files left."""
