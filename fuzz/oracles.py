@@ -187,6 +187,75 @@ def _check_config_ranges(config) -> None:
     assert 0 <= config.packet_bytes <= 9000 and config.min_free >= 0
 
 
+def check_fastflow(data: bytes) -> None:
+    """The compiled batch decoder (collector._fastflow) equals the reference decode_batch,
+    column for column, on the rows check_batch builds."""
+    from collector.flows import fast
+
+    if len(data) < 4:
+        return
+    port, width, rows, present = _rows(data)
+    if not rows:
+        return
+    buf = np.full((len(rows), width), 0x5A, dtype=np.uint8)
+    cuts = [min(p if p <= len(r) else len(r), width) for p, r in zip(present, rows)]
+    for i, (row, cut) in enumerate(zip(rows, cuts)):
+        buf[i, :cut] = np.frombuffer(row[:cut], dtype=np.uint8)
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    if data[2] & 1:  # also lengths past what the row holds, and no `present` at all
+        lengths += data[2] * 97
+        cuts = None
+    want = decode_batch(buf, lengths, port, None if cuts is None else np.array(cuts))
+    got = fast.decode_batch(buf, lengths, port, None if cuts is None else np.array(cuts))
+    for name in want.__dataclass_fields__:
+        a, b = getattr(want, name), getattr(got, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), (name, a, b)
+
+
+def _walk(path: str, compiled: bool) -> tuple:
+    """Everything ingest's capture walk hands on (fed rows, counters, error), as values."""
+    from collector import ingest as ingest_module
+
+    events = []
+
+    def feed(slots):
+        n = slots.rows
+        events.append((slots.port, slots.buf[:n].tobytes(), slots.lengths[:n].tolist(),
+                       slots.present[:n].tolist(), slots.ts[:n].tolist(), slots.no_vni[:n].tolist()))
+
+    batches = ingest_module._Batches(ingest_module.HEADER_SLOT, None, feed,
+                                     lambda clock: events.append(("tick", clock)), 3)
+    result = ingest_module.IngestResult()
+    error = None
+    try:
+        done = None
+        if compiled:
+            done = ingest_module._walk_compiled(_fastcapture(), path, batches, result, None,
+                                                pause_bytes=64)
+        if done is None:
+            ingest_module._walk_records(path, batches, result, None)
+    except CaptureError as err:
+        error = (err.offset, str(err))
+    batches.feed_all()
+    return error, (result.records, result.mirror_datagrams, result.plain_packets, result.skipped), events
+
+
+def _fastcapture():
+    from collector.compiled import extension
+
+    return extension("_fastcapture")
+
+
+def check_fastcapture(data: bytes) -> None:
+    """The compiled capture walker (collector._fastcapture, over the file mapped in memory)
+    hands ingest exactly what read_capture's walk does: the same rows, counters, error."""
+    path = _scratch_file(data)
+    reference, compiled = _walk(path, compiled=False), _walk(path, compiled=True)
+    assert compiled[0] == reference[0], (compiled[0], reference[0])
+    assert compiled[1] == reference[1], (compiled[1], reference[1])
+    assert compiled[2] == reference[2]
+
+
 TARGETS = {
     "datagram": check_datagram,
     "batch": check_batch,
@@ -194,3 +263,19 @@ TARGETS = {
     "sessions": check_sessions,
     "config": check_config,
 }
+
+
+def _compiled_targets() -> None:
+    """The compiled fast paths, when this build has them (their harnesses compare them with
+    the Python reference on every input; atheris sees the Python side's coverage only)."""
+    from collector.compiled import extension
+    from collector.flows import fast
+
+    if fast.available():
+        TARGETS["fastflow"] = check_fastflow
+    ext = extension("_fastcapture")
+    if ext is not None and hasattr(ext, "Walker"):
+        TARGETS["fastcapture"] = check_fastcapture
+
+
+_compiled_targets()

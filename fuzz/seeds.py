@@ -80,4 +80,6 @@ SEEDS = {
     "capture": capture_seeds,
     "sessions": sessions_seeds,
     "config": config_seeds,
+    "fastflow": batch_seeds,
+    "fastcapture": capture_seeds,
 }
