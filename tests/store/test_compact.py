@@ -302,3 +302,14 @@ def test_live_files_names_each_compacted_file_once(templates, tmp_path):
     assert len([n for n in names if n.startswith("_compact~")]) == 1
     assert [Path(f).name for f in live_files(tmp_path, "flows")] == [
         n for n in names if n.startswith("compact~")]
+
+
+def test_a_corrupt_manifest_is_an_error_naming_it(templates, tmp_path):
+    templates.copy(tmp_path, hours=1)
+    compact(tmp_path, tables=["flows"], settings=Settings(grace=0), now=NOW)
+    [manifest] = tmp_path.glob("flows/_manifests/*/*/*.json")
+    manifest.write_text("{not json")
+    with pytest.raises(Exception, match=r"0000000002\.json: unreadable manifest"):
+        connect(tmp_path).sql("SELECT count(*) FROM flows").fetchall()
+    with pytest.raises(Exception, match="unreadable manifest"):
+        compact(tmp_path, tables=["flows"], settings=Settings(grace=0), now=NOW + 1)

@@ -95,3 +95,27 @@ def test_queries_on_s3_during_compaction_see_the_same_rows(templates, tmp_path, 
     assert errors == []
     assert len(seen) >= 2 and not any(seen), f"results differed: {seen}"
     assert all("/compact~" in k for k in data_keys(s3_store))
+
+
+def test_the_cli_compacts_an_s3_prefix(templates, tmp_path, s3_store):
+    from click.testing import CliRunner
+
+    from collector.cli import main
+
+    local = upload(templates, tmp_path, s3_store, hours=1, files_per_hour=6)
+    expected = results(connect(local))
+    result = CliRunner().invoke(main, ["compact", "--data", s3_store.url, "--table", "flows",
+                                       "--grace", "0"])
+    assert result.exit_code == 0, result.output
+    assert "flows/date=2026-01-01/hour=00: merged 6 files, 240 rows into 1" in result.output
+    assert results(connect(s3_store.url)) == expected
+
+
+def test_a_manifest_gone_between_listing_and_reading_is_a_file_not_found(s3_store):
+    """What `latest_manifests` retries on: an old generation deleted under a reader."""
+    from collector.store.manifest import ManifestCache, location_of
+
+    location = location_of(s3_store.url)
+    with pytest.raises(FileNotFoundError):
+        ManifestCache().read(location, location.join("flows", "_manifests", "date=2026-01-01",
+                                                     "hour=00", "0000000001.json"))
