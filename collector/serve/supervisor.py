@@ -60,7 +60,14 @@ def _worker_main(index: int, config: ServeConfig, conn, registry: SessionRegistr
                 worker.stop = True
 
     def inbox() -> SessionRegistry | None:
-        return conn.recv() if conn.poll() else None
+        try:
+            return conn.recv() if conn.poll() else None
+        except (EOFError, OSError):
+            # The supervisor is gone: its end of the pipe reads as EOF. Stop and write (this
+            # used to raise out of the worker, losing every flow it held).
+            if worker is not None:
+                worker.stop = True
+            return None
 
     worker = Worker(index, config, listeners, registry, report, inbox)
     raise SystemExit(worker.run())

@@ -271,6 +271,36 @@ def test_sigkill_of_the_whole_service_then_restart_on_the_same_data(tmp_path):
     measure_loss(server.data_dir, sender, killed_at, back_at)
 
 
+def test_sigkill_of_the_supervisor_alone_lets_the_workers_write_what_they_hold(tmp_path):
+    """The workers learn of their supervisor's death at once (PR_SET_PDEATHSIG: SIGTERM),
+    drain, export every flow (end_reason shutdown) and write it, then exit: nothing received
+    is lost. (Under systemd, KillMode=mixed may SIGKILL them first: then see above.)"""
+    server = CollectorServer(tmp_path, workers=2, flush_seconds=60, idle_timeout=60,
+                             active_timeout=60).start()
+    try:
+        send_flows(server, 0, 400)
+        pids = worker_pids(server)
+        assert len(pids) == 2
+        os.kill(server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+            assert time.monotonic() < deadline, "the workers outlived their supervisor"
+            time.sleep(0.05)
+    finally:
+        server.kill()
+    assert sum(stored_per_flow(server.data_dir).values()) == 400 * PER_FLOW
+    con = connect(server.data_dir)
+    assert con.execute("SELECT DISTINCT end_reason FROM flows").fetchall() == [("shutdown",)]
+    con.close()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def test_the_unit_restarts_on_failure():
     unit = (REPO / "deploy" / "collector.service").read_text()
     settings = dict(line.split("=", 1) for line in unit.splitlines()
