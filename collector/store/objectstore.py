@@ -72,6 +72,8 @@ class StoreURL:
                                 "a-z, 0-9, '.', '-')")
         if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
             raise StoreURLError(f"{text!r}: the prefix has an empty, '.' or '..' component")
+        if not prefix.isprintable():
+            raise StoreURLError(f"{text!r}: the prefix has a control (unprintable) character")
         return cls(bucket, prefix)
 
     def __str__(self) -> str:

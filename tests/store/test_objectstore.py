@@ -186,3 +186,18 @@ def test_an_unreadable_spool_file_neither_blocks_the_others_nor_reads_as_an_outa
     assert len(s3_store.objects()) == 70 and spool_files(tmp_path) == [(poison.relative_to(tmp_path).as_posix(), poison.stat().st_size)]
     assert "0-poison.parquet: cannot read" in up.stats.last_error
     assert up.stats.unreachable_since is None and up.health_reasons() == [] and up.backoff() == up.interval
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.text(max_size=40).map(lambda t: "s3://" + t))
+def test_any_store_url_parses_to_a_printable_round_trip_or_is_refused(text):
+    try:
+        url = StoreURL.parse(text)
+    except StoreURLError as error:
+        assert repr(text) in str(error)
+        return
+    assert StoreURL.parse(str(url)) == url
+    assert url.key("flows/x.parquet") == f"{url.path}/flows/x.parquet"
+    assert all(c.isprintable() for c in url.prefix) and "//" not in url.path
