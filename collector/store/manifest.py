@@ -182,6 +182,14 @@ class ManifestCache:
             self._parsed[path] = manifest
         return manifest
 
+    def retain(self, under: str, paths) -> None:
+        """Forget the manifests below `under` but these (the latest ones): a connection open
+        for months does not keep every generation it ever read."""
+        keep = set(paths)
+        with self._lock:
+            for path in [p for p in self._parsed if p.startswith(under) and p not in keep]:
+                del self._parsed[path]
+
 
 def latest_manifests(location: Location, table: str, cache: ManifestCache | None = None,
                      attempts: int = 5) -> dict[str, tuple[str | None, Manifest]]:
@@ -199,8 +207,10 @@ def latest_manifests(location: Location, table: str, cache: ManifestCache | None
                 if generation > latest.get(partition, (-1, ""))[0]:
                     latest[partition] = (generation, path)
         try:
-            return {partition: (path, cache.read(location, path))
-                    for partition, (_, path) in latest.items()}
+            found = {partition: (path, cache.read(location, path))
+                     for partition, (_, path) in latest.items()}
+            cache.retain(base + "/", (path for path, _ in found.values()))
+            return found
         except FileNotFoundError:
             # an old generation deleted between the listing and the read: list again
             if attempt == attempts - 1:

@@ -313,3 +313,15 @@ def test_a_corrupt_manifest_is_an_error_naming_it(templates, tmp_path):
         connect(tmp_path).sql("SELECT count(*) FROM flows").fetchall()
     with pytest.raises(Exception, match="unreadable manifest"):
         compact(tmp_path, tables=["flows"], settings=Settings(grace=0), now=NOW + 1)
+
+
+def test_a_reader_keeps_only_the_latest_manifests(templates, tmp_path):
+    from collector.store.manifest import ManifestCache
+
+    templates.copy(tmp_path, hours=2)
+    cache = ManifestCache()
+    for step in range(3):  # commit, then publish + delete: new generations each time
+        compact(tmp_path, settings=Settings(grace=10), now=NOW + 20 * step)
+        assert len(live_files(tmp_path, "flows", cache)) == 2
+        assert len(live_files(tmp_path, "packets", cache)) == 2
+        assert len(cache._parsed) == 4  # one per partition of each table
