@@ -325,3 +325,40 @@ def test_a_reader_keeps_only_the_latest_manifests(templates, tmp_path):
         assert len(live_files(tmp_path, "flows", cache)) == 2
         assert len(live_files(tmp_path, "packets", cache)) == 2
         assert len(cache._parsed) == 4  # one per partition of each table
+
+
+def test_writers_still_writing_lose_nothing_and_double_nothing(templates, tmp_path):
+    """A writer keeps adding files to an open hour and stragglers to closed ones while
+    compaction runs again and again: at the end every row written is there exactly once."""
+    import random
+
+    templates.copy(tmp_path, hours=3)
+    expected_rows = connect(tmp_path).sql("SELECT count(*) FROM flows").fetchone()[0]
+    now = START.timestamp() + 3.2 * 3600  # with --older-than 0: hours 00-02 closed, 03 open
+    stop, written = threading.Event(), [0]
+
+    def writer():
+        rng = random.Random(5)
+        out = DatasetWriter(tmp_path, "flows", collector_id="live", writer_id="9")
+        while not stop.is_set():
+            rows = flow_rows(7, rng.choice([0, 1, 3]), rng, "live")
+            out.write(pa.Table.from_pylist(rows, schema=FLOWS))
+            out.flush()
+            written[0] += len(rows)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for step in range(4):
+            compact(tmp_path, tables=["flows"], settings=Settings(older_than=0, grace=0),
+                    now=now + step)
+    finally:
+        stop.set()
+        thread.join()
+    con = connect(tmp_path)
+    assert con.sql("SELECT count(*) FROM flows").fetchone() == (expected_rows + written[0],)
+    assert con.sql("SELECT count(*) FROM flows WHERE collector_id = 'live'").fetchone() == (written[0],)
+    # the open hour was never touched; closed hours hold compacted files (and new stragglers)
+    assert not list(tmp_path.glob("flows/date=2026-01-01/hour=03/*compact~*"))
+    assert list(tmp_path.glob("flows/date=2026-01-01/hour=00/compact~*"))
