@@ -50,7 +50,7 @@ bench: $(STAMP)
 # loaders, FUZZ_SECONDS per target; failing inputs land in fuzz/crashes/ (docs/robustness.md).
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	$(BIN)/python -m pip install --quiet 'atheris>=2.3'  # the `fuzz` extra of pyproject.toml
 	$(BIN)/python fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 clean:
