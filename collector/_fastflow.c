@@ -387,10 +387,10 @@ static int decode_one(const uint8_t *b, Py_ssize_t end, int64_t length, int port
     return decode_frame(b, inner, end, length, d);
 }
 
-static uint64_t be64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
-    return v;
+static inline uint64_t be64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return __builtin_bswap64(v);
 }
 
 static void store_row(Columns *c, Py_ssize_t i, int reason, const Dec *d) {
@@ -1007,15 +1007,15 @@ static const int16_t *icmp_counterparts(int version) {
     return version == 6 ? v6 : v4;
 }
 
-static void put_addr(uint8_t out[16], uint64_t hi, uint64_t lo, int version) {
+static inline void put_addr(uint8_t out[16], uint64_t hi, uint64_t lo, int version) {
     if (version == 4) { /* the Python key holds the 4 low bytes only */
         hi = 0;
         lo = 0xFFFF00000000ULL | (lo & 0xFFFFFFFFULL);
     }
-    for (int i = 0; i < 8; i++) {
-        out[i] = (uint8_t)(hi >> (56 - 8 * i));
-        out[8 + i] = (uint8_t)(lo >> (56 - 8 * i));
-    }
+    hi = __builtin_bswap64(hi);
+    lo = __builtin_bswap64(lo);
+    memcpy(out, &hi, 8);
+    memcpy(out + 8, &lo, 8);
 }
 
 static inline int64_t opt(int64_t v) { return v < 0 ? -1 : v; }

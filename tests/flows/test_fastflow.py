@@ -442,3 +442,37 @@ def test_address_text_is_pythons(raw, zeros):
     if words[:12] != bytes(10) + b"\xff\xff":  # mapped: Python's own text, see fast.py
         assert texts[0] == str(ipaddress.ip_address(bytes(words)))
     assert texts[1] == str(ipaddress.ip_address(bytes(words[12:])))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.lists(datagrams(), min_size=1, max_size=20), compiled=st.booleans())
+def test_counters_count_every_datagram_once(tmp_path_factory, batch, compiled):
+    """Pipeline.counters against a per-datagram tally of the reference decoder's results."""
+    from collections import Counter
+
+    from collector.decode import Malformed, decode_datagram
+    from collector.pipeline import Pipeline
+
+    for port in (4789, 6081):
+        payloads = [p for p, _ in batch]
+        want = Counter()
+        packets, wire_bytes, malformed = Counter(), Counter(), Counter()
+        for payload in payloads:
+            try:
+                pkt = decode_datagram(payload, port)
+            except Malformed as err:
+                malformed[err.reason.value] += 1
+                continue
+            want["decoded"] += 1
+            want["truncated"] += pkt.truncated
+            vni = -1 if pkt.vni is None else pkt.vni
+            packets[vni] += 1
+            wire_bytes[vni] += pkt.wire_len or 0
+        pipeline = Pipeline(tmp_path_factory.mktemp("p"), collector_id="c")
+        pipeline.compiled = compiled and fast.available()
+        buf, lengths = slab(payloads, 512)
+        pipeline.feed(buf, lengths, np.arange(len(payloads)), port)
+        c = pipeline.counters
+        assert (c.datagrams, c.bytes, c.decoded, c.truncated) == (
+            len(payloads), sum(map(len, payloads)), want["decoded"], want["truncated"])
+        assert (c.malformed, c.session_packets, c.session_bytes) == (malformed, packets, wire_bytes)
