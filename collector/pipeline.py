@@ -164,6 +164,13 @@ class Pipeline:
         rows = np.flatnonzero(batch.reason == 0)
         if len(rows) == 0:
             return
+        if self.compiled:
+            rows_batch = fast.packets_record_batch(batch, rows, ts_ns, buf, lengths,
+                                                   self.packet_bytes, self.registry,
+                                                   self.collector_id)
+            if rows_batch is not None:
+                self.packet_writer.write(rows_batch)
+                return
         frames = []
         for i in rows.tolist():
             if buf is None:

@@ -32,7 +32,7 @@ from collector.decode.batch import decode_batch as reference_decode_batch
 from collector.decode.datagram import GENEVE_PORT, VXLAN_GPE_PORT, VXLAN_PORT
 from collector.flows.table import END_REASONS, NS, EndedFlow, FlowConfig
 from collector.sessions import SessionRegistry
-from collector.store.schema import FLOWS
+from collector.store.schema import FLOWS, PACKETS
 
 _COLUMNS = tuple(spec.name for spec in fields(PacketBatch))
 _DTYPE_OF = tuple(np.dtype(_DTYPES[name]) for name in _COLUMNS)
@@ -91,6 +91,102 @@ def batch_columns(batch: PacketBatch) -> tuple:
                  for name, dtype in zip(_COLUMNS, _DTYPE_OF))
 
 
+def _texts(offsets: bytes, data: bytes, valid: np.ndarray) -> pa.Array:
+    n = len(valid)
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data), bitmap,
+                                       int(n - np.count_nonzero(valid)))
+
+
+def _address_texts(raw: np.ndarray, version: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """str(ipaddress.ip_address(...)) of rows of 16 address bytes (IPv4 mapped when version 4),
+    None where not valid."""
+    valid = np.ascontiguousarray(valid, dtype=np.bool_)
+    version = np.ascontiguousarray(version, dtype=np.int8)
+    offsets, data = _ext.ip_texts(np.ascontiguousarray(raw).tobytes(), version.tobytes(),
+                                  valid.view(np.uint8).tobytes())
+    text = _texts(offsets, data, valid)
+    # IPv4-mapped IPv6 addresses: Python's own text (it changed in 3.13)
+    mapped = valid & (version == 6) & ~raw[:, :10].any(axis=1) & (raw[:, 10] == 255) & (raw[:, 11] == 255)
+    if mapped.any():
+        values = text.to_pylist()
+        for i in np.flatnonzero(mapped).tolist():
+            values[i] = str(ipaddress.ip_address(raw[i].tobytes()))
+        text = pa.array(values, type=pa.string())
+    return text
+
+
+def _sessions(vni: np.ndarray, registry: SessionRegistry | None) -> tuple[pa.Array, pa.Array]:
+    """(session_id, network_interface_id) of each VNI: one registry lookup per distinct VNI."""
+    vnis, where = np.unique(vni, return_inverse=True)
+    session_ids, interfaces = [], []
+    for value in vnis.tolist():
+        session = registry.lookup(value) if registry and value >= 0 else None
+        session_ids.append(session.session_id if session else None)
+        interfaces.append(session.network_interface_id if session else None)
+    where = pa.array(where.astype(np.int32))
+    return (pa.array(session_ids, type=pa.string()).take(where),
+            pa.array(interfaces, type=pa.string()).take(where))
+
+
+def _optional(values: np.ndarray) -> pa.Array:
+    return pa.array(values, mask=values < 0)
+
+
+def packets_record_batch(batch: PacketBatch, rows: np.ndarray, ts_ns: np.ndarray, buf, lengths,
+                         packet_bytes: int, registry: SessionRegistry | None,
+                         collector_id: str) -> pa.RecordBatch | None:
+    """`collector.store.rows.packets_batch` of the decoded `rows`, their frames cut to
+    `packet_bytes` as `Pipeline._write_packets` cuts them, in a few array operations. None
+    when a row's frame would start before its slot (only hand-made batches): the caller takes
+    the reference path then."""
+    n = len(rows)
+    if buf is None:
+        frames = pa.array([b""] * n, type=pa.binary())
+    else:
+        length = np.asarray(lengths, dtype=np.int64)[rows]
+        start = length - batch.captured_len[rows]  # where the frame begins
+        if (start < 0).any():
+            return None
+        stop = np.minimum(np.minimum(start + packet_bytes, length), buf.shape[1])
+        size = np.maximum(stop - start, 0)
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(size, out=offsets[1:])
+        columns = np.arange(buf.shape[1])
+        keep = (columns >= start[:, None]) & (columns < stop[:, None])
+        data = buf[rows][keep]
+        frames = pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets),
+                                                               pa.py_buffer(data.tobytes())])
+    vni = batch.vni[rows]
+    version = batch.ip_version[rows]
+    addresses = []
+    for side in ("src", "dst"):
+        halves = np.stack([getattr(batch, side + "_hi")[rows], getattr(batch, side + "_lo")[rows]], axis=1)
+        raw = halves.astype(">u8").view(np.uint8).reshape(n, 16)
+        addresses.append(_address_texts(raw, version, getattr(batch, side + "_ok")[rows]))
+    session_ids, _ = _sessions(vni, registry)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(ts_ns[rows] // 1000, type=pa.int64()).cast(PACKETS.field("ts").type),
+            _optional(vni),
+            session_ids,
+            pa.array([collector_id], type=pa.string()).take(pa.array(np.zeros(n, np.int32))),
+            _optional(version),
+            _optional(batch.ip_proto[rows]),
+            addresses[0],
+            addresses[1],
+            _optional(batch.src_port[rows]),
+            _optional(batch.dst_port[rows]),
+            _optional(batch.wire_len[rows]),
+            pa.array(batch.captured_len[rows]),
+            pa.array(batch.truncated[rows]),
+            _optional(batch.tcp_flags[rows]),
+            frames,
+        ],
+        schema=PACKETS,
+    )
+
+
 # -- flows ---------------------------------------------------------------------------------
 
 
@@ -121,10 +217,7 @@ class EndedFlows:
         return self.n
 
     def _strings(self, which: int, valid: np.ndarray) -> pa.Array:
-        bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
-        return pa.StringArray.from_buffers(
-            self.n, pa.py_buffer(self._text_offsets[which]), pa.py_buffer(self._text_data[which]),
-            bitmap, int(self.n - np.count_nonzero(valid)))
+        return _texts(self._text_offsets[which], self._text_data[which], valid)
 
     def _addr_text(self, which: int) -> pa.Array:
         valid = self.src_ok if which == 0 else self.dst_ok
@@ -140,24 +233,17 @@ class EndedFlows:
             text = pa.array(values, type=pa.string())
         return text
 
-    def _optional(self, values: np.ndarray) -> pa.Array:
-        return pa.array(values, mask=values < 0)
+    _optional = staticmethod(_optional)
 
     def record_batch(self, registry: SessionRegistry | None, collector_id: str) -> pa.RecordBatch:
         """`collector.store.rows.flows_batch` of these flows."""
         n = self.n
-        vnis, where = np.unique(self.vni, return_inverse=True)
-        session_ids, interfaces = [], []
-        for vni in vnis.tolist():
-            session = registry.lookup(vni) if registry and vni >= 0 else None
-            session_ids.append(session.session_id if session else None)
-            interfaces.append(session.network_interface_id if session else None)
-        where = pa.array(where.astype(np.int32))
+        session_ids, interfaces = _sessions(self.vni, registry)
         timestamp = FLOWS.field("first_seen").type
         columns = [
             self._optional(self.vni),
-            pa.array(session_ids, type=pa.string()).take(where),
-            pa.array(interfaces, type=pa.string()).take(where),
+            session_ids,
+            interfaces,
             pa.array([collector_id], type=pa.string()).take(pa.array(np.zeros(n, np.int32))),
             self._optional(self.vlan),
             self._optional(self.inner),
@@ -257,4 +343,5 @@ class FastFlowTable:
         return self._take(self._table.drain(_REASON_CODE[reason]))
 
 
-__all__ = ["EndedFlows", "FastFlowTable", "available", "batch_columns", "decode_batch"]
+__all__ = ["EndedFlows", "FastFlowTable", "available", "batch_columns", "decode_batch",
+           "packets_record_batch"]

@@ -476,3 +476,25 @@ def test_counters_count_every_datagram_once(tmp_path_factory, batch, compiled):
         assert (c.datagrams, c.bytes, c.decoded, c.truncated) == (
             len(payloads), sum(map(len, payloads)), want["decoded"], want["truncated"])
         assert (c.malformed, c.session_packets, c.session_bytes) == (malformed, packets, wire_bytes)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.lists(datagrams(), min_size=1, max_size=16), width=st.sampled_from((16, 64, 200)),
+       packet_bytes=st.sampled_from((0, 1, 40, 256)), with_buf=st.booleans())
+def test_packets_rows_equal_the_reference(batch, width, packet_bytes, with_buf):
+    from collector.store.rows import packets_batch
+
+    for port in (4789, 6081):
+        buf, lengths = slab([p for p, _ in batch], width)
+        decoded = decode_batch(buf, lengths, port)
+        rows = np.flatnonzero(decoded.reason == 0)
+        ts = np.arange(len(batch), dtype=np.int64) * 1_234_567
+        frames = []
+        for i in rows.tolist():  # as Pipeline._write_packets cuts them
+            start = int(lengths[i]) - int(decoded.captured_len[i])
+            stop = min(start + packet_bytes, int(lengths[i]), width)
+            frames.append(buf[i, start:stop].tobytes() if with_buf and stop > start else b"")
+        want = packets_batch(decoded, rows, ts, frames, REGISTRY, "c1")
+        got = fast.packets_record_batch(decoded, rows, ts, buf if with_buf else None, lengths,
+                                        packet_bytes, REGISTRY, "c1")
+        assert got.equals(want), (got.to_pylist(), want.to_pylist())
