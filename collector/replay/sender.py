@@ -128,6 +128,14 @@ class Sender:
         self.pool_size = min(pool_size, _room_for(pool_size)) if pool_size else 0
         self._pool: OrderedDict[int, socket.socket] = OrderedDict()
         self._shared: socket.socket | None = None
+        # For the batch path: each pooled port's socket fd (-1: not pooled), and the LRU order
+        # as stamps set a whole batch at a time; the OrderedDict's order is brought up to
+        # date from them only when it matters (an eviction, or a send from the other path).
+        self._fd_of = np.full(1 << 16, -1, np.int64)
+        self._stamp = np.zeros(1 << 16, np.int64)
+        self._tick = 0
+        self._stamps_valid = False  # every pooled port's stamp reflects its LRU place
+        self._order_stale = False  # the OrderedDict's order lags the stamps
         self._retries, self._backoff, self._sleep = retries, backoff, sleep
         self._any = "::" if target.family == socket.AF_INET6 else "0.0.0.0"
 
@@ -140,6 +148,9 @@ class Sender:
     def send(self, payload: bytes, source_port: int) -> bool:
         """Send one datagram from `source_port` (or the shared socket); True when the kernel
         took it, False when it is counted failed."""
+        if self._order_stale:
+            self._reorder()
+        self._stamps_valid = False
         sock = self._pool.get(source_port)
         if sock is None:
             sock = self._socket(source_port)
@@ -175,9 +186,7 @@ class Sender:
         step = min(len(ports), self.pool_size) if self.pool_size else len(ports)
         for first in range(0, len(ports), max(step, 1)):
             last = min(first + step, len(ports))
-            chunk = ports[first:last]
-            unique, fds, socks = self._sockets_for(chunk)
-            fd_of = fds[np.searchsorted(unique, chunk)]
+            fd_of = self._fds_for(ports[first:last])
             done = first
             while done < last:
                 sent, err = fast.send_batch(fd_of[done - first:], data, offsets[done:last],
@@ -188,32 +197,50 @@ class Sender:
                     start = int(offsets[done])
                     payload = header + bytes(memoryview(data).cast("B")[
                         start:start + int(lengths[done])])
-                    sock = socks[int(np.searchsorted(unique, ports[done]))]
+                    port = int(ports[done])
+                    sock = self._pool.get(port) or self._shared
                     if not self._retry(sock, payload, OSError(err, os.strerror(err))):
                         failed.append(done)
                     done += 1
         return np.array(failed, dtype=np.int64)
 
-    def _sockets_for(self, ports: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
-        """(sorted unique ports, their socket fds, their sockets) for one chunk. Each port is
-        looked up (and the pool's LRU order updated) as `send` would, in the order of its last
-        datagram in the chunk; a port sent from the shared socket counts each datagram."""
-        reverse = ports[::-1]
-        unique, last_from_end, counts = np.unique(reverse, return_index=True,
-                                                   return_counts=True)
-        sockets: list = [None] * len(unique)
-        for k in np.argsort(-last_from_end, kind="stable"):  # earliest last datagram first
-            port = int(unique[k])
-            sock = self._pool.get(port)
-            if sock is None:
+    def _fds_for(self, ports: np.ndarray) -> np.ndarray:
+        """The socket fd of each datagram of one chunk. The pool is updated as `send` would
+        update it datagram by datagram: ports are stamped in the order of their last
+        datagram, then ports not pooled yet get their socket (bound now, or the shared one,
+        which counts each of its datagrams)."""
+        n = len(ports)
+        if not self._stamps_valid:  # after `send`: the OrderedDict's order becomes stamps
+            pooled = np.fromiter(self._pool, np.int64, len(self._pool))
+            self._stamp[pooled] = self._tick + np.arange(len(pooled))
+            self._tick += len(pooled)
+            self._stamps_valid = True
+        # a port repeated in the chunk keeps its last datagram's stamp (the largest)
+        np.maximum.at(self._stamp, ports, self._tick + np.arange(n))
+        self._tick += n
+        self._order_stale = True
+        fds = self._fd_of[ports]
+        missing = fds < 0
+        if missing.any():
+            rows = np.flatnonzero(missing)
+            reverse = ports[rows][::-1]
+            unique, last_from_end, counts = np.unique(reverse, return_index=True,
+                                                       return_counts=True)
+            fd_by_port = {}
+            for k in np.argsort(-last_from_end, kind="stable"):  # earliest last use first
+                port = int(unique[k])
                 sock = self._socket(port)
                 if sock is self._shared:
                     self.stats.shared += int(counts[k]) - 1
-            else:
-                self._pool.move_to_end(port)
-            sockets[k] = sock
-        fds = np.array([sock.fileno() for sock in sockets], dtype=np.int64)
-        return unique, fds, sockets
+                fd_by_port[port] = sock.fileno()
+            fds[rows] = [fd_by_port[int(p)] for p in ports[rows]]
+        return fds
+
+    def _reorder(self) -> None:
+        """The OrderedDict in the stamps' order (oldest first)."""
+        stamp = self._stamp
+        self._pool = OrderedDict(sorted(self._pool.items(), key=lambda item: stamp[item[0]]))
+        self._order_stale = False
 
     def _retry(self, sock: socket.socket, payload: bytes, error: OSError) -> bool:
         """The slow path: a send failed with `error`. Retry what a short wait may cure."""
@@ -246,10 +273,15 @@ class Sender:
             sock = self._bind(port)
             if sock is not None:
                 if len(pool) >= self.pool_size:
-                    _, oldest = pool.popitem(last=False)
+                    if self._order_stale:
+                        self._reorder()
+                        pool = self._pool
+                    evicted, oldest = pool.popitem(last=False)
+                    self._fd_of[evicted] = -1
                     self._close(oldest)
                     self.stats.evicted += 1
                 pool[port] = sock
+                self._fd_of[port] = sock.fileno()  # (its stamp: the batch path's, if any)
                 self.stats.ports_bound += 1
                 return sock
         self.stats.shared += 1
@@ -287,7 +319,9 @@ class Sender:
     def close(self) -> None:
         """Close every socket. Refusals still pending on them are counted first."""
         while self._pool:
-            self._close(self._pool.popitem()[1])
+            port, sock = self._pool.popitem()
+            self._fd_of[port] = -1
+            self._close(sock)
         if self._shared is not None:
             self._close(self._shared)
             self._shared = None

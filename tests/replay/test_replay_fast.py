@@ -92,8 +92,9 @@ def _run(path, monkeypatch, pure: bool, **options):
     monkeypatch.setattr(Sender, "close", close_noting_the_shared_port)
     sink = Sink()
     try:
-        summary = replay([path], sink.target, ReplayOptions(vni=7159709, topspeed=True,
-                                                            **options))
+        paths = path if isinstance(path, list) else [path]
+        summary = replay(paths, sink.target, ReplayOptions(vni=7159709, topspeed=True,
+                                                           **options))
         return summary, [(data, None if port in shared_ports else port)
                          for data, port in sink.drain()]
     finally:
@@ -116,8 +117,8 @@ def _same_datagrams(first, second) -> bool:
         for data, port in got:
             by_port[port].append(data)
         for port in list(by_port):  # a port one replay could bind, the other not
-            if port is None or port in unbindable:
-                by_port[None] += by_port.pop(port)
+            if port is not None and port in unbindable:
+                by_port[None].extend(by_port.pop(port))
         if None in by_port:
             by_port[None].sort()
         return by_port
@@ -255,3 +256,21 @@ def test_a_target_with_nothing_listening_is_never_silent_on_either_path(mixed, m
         assert "The target refused datagrams" in summary.format()
         if pure:
             assert summary.failed > 0
+
+
+@pytest.mark.parametrize("pool_size", [5, 4096])
+def test_files_of_both_paths_in_one_replay_share_the_pool(mixed, tmp_path, monkeypatch,
+                                                           pool_size):
+    """A raw-IP capture (LINKTYPE_RAW: the per-record path) between two runs of the batch
+    path: the socket pool's LRU order carries over both ways."""
+    raw = tmp_path / "raw.pcap"
+    frames = [f[14:] for f in _frames(random.Random(3)) if f[12:14] == b"\x08\x00"]
+    with open(raw, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101))
+        for i, frame in enumerate(frames):
+            f.write(struct.pack("<IIII", i, 0, len(frame), len(frame)) + frame)
+    results = [_run([mixed, raw, mixed], monkeypatch, pure, pool_size=pool_size)
+               for pure in (False, True)]
+    assert _same_datagrams(*results)
+    assert _comparable(results[0][0]) == _comparable(results[1][0])
+    assert results[0][0].packets == 2 * 400 + len(frames)
