@@ -127,7 +127,6 @@ class Supervisor:
         problem = self._write_probe()
         if problem:
             raise StartupError(f"data directory {config.data} is not writable: {problem}")
-        self._remove_stale_temporaries()
         udp = [("--listen", config.listen)]
         if config.geneve_listen is not None:
             udp.append(("--geneve-listen", config.geneve_listen))
@@ -190,6 +189,8 @@ class Supervisor:
 
     def run(self) -> int:
         self.check()
+        # Our ports were free: no writer of ours runs (`--check` alone never gets here).
+        self._remove_stale_temporaries()
         try:
             self.http = HealthServer(self.config.health, self.health, self.metrics_source,
                                      self.flush if self.config.control else None)
@@ -366,6 +367,9 @@ class Supervisor:
         log.info("object store %s (endpoint %s, region %s, credentials from %s); spool %s",
                  config.store, settings.endpoint or "AWS", settings.region or "SDK default",
                  settings.credentials_source, config.data)
+        problem = self.uploader.probe()
+        if problem:
+            log.warning("object store: %s; files wait in the spool %s", problem, config.data)
         self.uploader.start()
 
     def _store_sessions(self) -> None:

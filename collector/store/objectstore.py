@@ -420,6 +420,18 @@ class Uploader:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
+    def probe(self) -> str | None:
+        """None when the bucket answers, else why not (one line, for the start-up log: the
+        spool absorbs an outage, so a store down at start is a warning, not an error)."""
+        try:
+            info = self.filesystem.get_file_info(self.url.bucket)
+        except OSError as error:
+            return f"{self.url} cannot be reached: {_one_line(error)}"
+        if info.type == pafs.FileType.NotFound:
+            return (f"bucket {self.url.bucket!r} does not exist (or these credentials cannot "
+                    "see it): uploads fail until it does")
+        return None
+
     # -- health and metrics ----------------------------------------------------------------
 
     def health_reasons(self, now: float | None = None) -> list[str]:

@@ -201,3 +201,13 @@ def test_any_store_url_parses_to_a_printable_round_trip_or_is_refused(text):
     assert StoreURL.parse(str(url)) == url
     assert url.key("flows/x.parquet") == f"{url.path}/flows/x.parquet"
     assert all(c.isprintable() for c in url.prefix) and "//" not in url.path
+
+
+def test_probe_says_whether_the_bucket_answers(s3_store, tmp_path, monkeypatch):
+    assert uploader(tmp_path, s3_store.url).probe() is None
+    missing = uploader(tmp_path, "s3://no-such-bucket-here/x").probe()
+    assert "'no-such-bucket-here' does not exist" in missing
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    down = uploader(tmp_path, s3_store.url).probe()
+    assert down.startswith(f"{s3_store.url} cannot be reached: ")
+    assert s3_store.server.secret_key not in missing + down
