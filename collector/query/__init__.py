@@ -50,7 +50,7 @@ def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:",
     if isinstance(data_dir, str) and data_dir.startswith("s3://"):
         from collector.query import remote
 
-        return remote.connect(data_dir, database=database)
+        return remote.connect(data_dir, database=database, sandbox=sandbox)
     root = Path(data_dir)
     con = duckdb.connect(database)
     extension = inet_extension_path()
