@@ -125,5 +125,13 @@ def test_spark_reads_the_prefix_with_partition_discovery(dataset, tmp_path):
                           key=repr)
             assert got == want, stage
             assert dict(frame.dtypes)["hour"] == "int" and len(got) > 5
+        # Spark's SQL parser knows Hive DDL: every `collector athena-ddl` statement parses
+        from collector.athena import athena_ddl
+
+        parser = spark._jsparkSession.sessionState().sqlParser()
+        for statement in athena_ddl("s3://bucket-x/prefix").split(";"):
+            if "CREATE EXTERNAL" in statement:
+                plan = parser.parsePlan(statement[statement.index("CREATE EXTERNAL"):]).toString()
+                assert "CreateTable" in plan or "CreateTableStatement" in plan, plan
     finally:
         spark.stop()
