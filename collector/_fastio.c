@@ -319,26 +319,29 @@ f0:
 #define KEY_LEN 40
 
 PyDoc_STRVAR(flow_keys_doc,
-"flow_keys(data, offsets, caplens, keys)\n\n"
+"flow_keys(data, offsets, caplens, keys, hashes=None)\n\n"
 "For each Ethernet frame data[offsets[i] : offsets[i] + caplens[i]], fill row i of `keys`\n"
 "(uint8, n x 40) with what collector.replay.encap.flow_of reads of it, in the common case\n"
 "only: an untagged IPv4 frame (not a non-first fragment) or IPv6 frame whose upper layer\n"
 "directly follows, TCP/UDP with both ports or ICMP/ICMPv6 with type and code captured.\n"
 "Row layout: version (4/6), protocol, ports or type/code (4 bytes), source (16), destination\n"
 "(16), zeros. Every other frame gets an all-zero row: the caller asks flow_of. Two frames\n"
-"with the same non-zero row have the same flow.");
+"with the same non-zero row have the same flow. `hashes` (uint64, n), when given, gets a\n"
+"64-bit FNV-1a hash of each row (0 for an all-zero row): equal rows, equal hashes.");
 
 static PyObject *flow_keys(PyObject *self, PyObject *args) {
-    PyObject *data_obj, *o1, *o2, *o3;
-    if (!PyArg_ParseTuple(args, "OOOO", &data_obj, &o1, &o2, &o3)) return NULL;
-    Py_buffer data, a, b, k;
+    PyObject *data_obj, *o1, *o2, *o3, *o4 = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOO|O", &data_obj, &o1, &o2, &o3, &o4)) return NULL;
+    Py_buffer data, a, b, k, hv = {0};
     if (get_buffer(data_obj, &data, 0, 0, "data") < 0) return NULL;
     if (get_buffer(o1, &a, 0, 8, "offsets") < 0) goto f0;
     if (get_buffer(o2, &b, 0, 8, "caplens") < 0) goto f1;
     if (get_buffer(o3, &k, 1, 1, "keys") < 0) goto f2;
+    if (o4 != Py_None && get_buffer(o4, &hv, 1, 8, "hashes") < 0) goto f3;
     Py_ssize_t n = items(&a);
-    if (items(&b) != n || k.len < n * KEY_LEN) {
-        PyErr_SetString(PyExc_ValueError, "offsets, caplens, keys (n x 40): one row per frame");
+    if (items(&b) != n || k.len < n * KEY_LEN || (hv.obj && items(&hv) < n)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "offsets, caplens, keys (n x 40), hashes: one row per frame");
         goto f3;
     }
     const int64_t *off = a.buf, *cap = b.buf;
@@ -392,9 +395,23 @@ static PyObject *flow_keys(PyObject *self, PyObject *args) {
         key[1] = (uint8_t)proto;
         memcpy(key + 2, l4, (proto == 6 || proto == 17) ? 4 : 2);
     }
+    if (hv.obj) {
+        uint64_t *hashes = hv.buf;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const uint8_t *key = keys + i * KEY_LEN;
+            uint64_t h = 0;
+            if (key[0]) {
+                h = 1469598103934665603ULL;
+                for (int j = 0; j < KEY_LEN; j++) h = (h ^ key[j]) * 1099511628211ULL;
+            }
+            hashes[i] = h;
+        }
+        PyBuffer_Release(&hv);
+    }
     PyBuffer_Release(&k); PyBuffer_Release(&b); PyBuffer_Release(&a); PyBuffer_Release(&data);
     Py_RETURN_NONE;
 f3:
+    if (hv.obj) PyBuffer_Release(&hv);
     PyBuffer_Release(&k);
 f2:
     PyBuffer_Release(&b);

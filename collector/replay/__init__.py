@@ -47,7 +47,7 @@ __all__ = ["ReplayError", "ReplayOptions", "ReplayProgress", "ReplaySummary", "r
 
 PROGRESS_EVERY = 1024  # datagrams between progress reports
 BATCH = 4096  # records per batch on the fast path (a multiple of PROGRESS_EVERY)
-_CACHED_KEYS = 1 << 16  # flow keys whose (port, conversation) the fast path remembers
+_CACHED_KEYS = 1 << 20  # flow keys whose (port, conversation) the fast path remembers
 _KEY_LEN = 40  # bytes per row of collector._fastio.flow_keys
 
 
@@ -355,7 +355,7 @@ class _Run:
         self.paths, self.options, self.progress, self.clock = list(paths), options, progress, clock
         self.share = share
         self.attempted = 0
-        self._known_keys: dict[bytes, tuple[int, bytes]] = {}  # flow key -> (port, conversation)
+        self._known_keys = _KnownKeys()
         self.encapsulator = Encapsulator(
             vni=options.vni, packet_length=options.packet_length, encap=options.encap,
             as_captured=options.as_captured, gwlb_src=options.gwlb_src, gwlb_dst=options.gwlb_dst)
@@ -504,10 +504,11 @@ class _Run:
         big = _PCAP_MAGICS[int.from_bytes(data[:4], "little")][0] == ">"
         offsets, caplens, wirelens = (np.empty(BATCH, np.int64) for _ in range(3))
         keys = np.empty((BATCH, _KEY_LEN), np.uint8)
+        key_hashes = np.empty(BATCH, np.uint64)
+        known = self._known_keys
         view = memoryview(data)
         pos = PCAP_HEADER_LEN
         reached = 0  # the offset of the last record read, as the per-record path keeps it
-        rows = None
         try:
             while True:
                 n, pos, _ = fast.pcap_walk(data, pos, big, offsets, caplens, wirelens)
@@ -515,29 +516,14 @@ class _Run:
                     return False
                 off, cap, wire = offsets[:n], caplens[:n], wirelens[:n]
                 usable = cap >= 14  # shorter: no Ethernet header (`ethernet_frame`)
-                fast.flow_keys(data, off, cap, keys[:n])
-                ports = np.empty(n, np.int64)
-                conversations: list = [None] * n
-                rows = keys[:n].view(f"V{_KEY_LEN}").ravel()
-                unique, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
-                inverse = inverse.ravel()
-                simple = keys[first, 0] != 0
-                unique_ports = np.zeros(len(unique), np.int64)
-                unique_keys: list = [None] * len(unique)
-                known = self._known_keys
-                if len(known) > _CACHED_KEYS:
-                    known.clear()
-                for j, key in enumerate(unique.tolist()):
-                    if not simple[j]:
-                        continue
-                    hashed = known.get(key)
-                    if hashed is None:
-                        i = first[j]
-                        hashed = known[key] = hashes(flow_of(view[off[i]:off[i] + cap[i]]))
-                    unique_ports[j], unique_keys[j] = hashed
-                ports[:] = unique_ports[inverse]
-                one_by_one = np.flatnonzero(~simple[inverse] & usable)
-                for i in one_by_one:  # VLAN tags, extension headers, cut headers, non-IP
+                fast.flow_keys(data, off, cap, keys[:n], key_hashes[:n])
+                slot = known.find(keys[:n], key_hashes[:n], view, off, cap, hashes)
+                simple = slot >= 0
+                ports = np.zeros(n, np.int64)
+                ports[simple] = known.ports[slot[simple]]
+                conversations: dict = {}
+                for i in np.flatnonzero(~simple & usable):  # VLAN tags, extension headers,
+                    # cut headers, non-IP: flow_of per frame
                     ports[i], conversations[i] = hashes(flow_of(view[off[i]:off[i] + cap[i]]))
                 send = usable.copy()
                 if count > 1:
@@ -556,9 +542,9 @@ class _Run:
                 chosen = np.flatnonzero(send)
                 lengths = np.minimum(cap[chosen], keep_bytes)
                 failed = sender.send_batch(data, off[chosen], lengths, ports[chosen], header)
-                for j in np.unique(inverse[chosen[simple[inverse[chosen]]]]):
-                    remember((vni, unique_keys[j]))
-                for i in chosen[~simple[inverse[chosen]]]:
+                for conversation in known.first_sent(slot[chosen[simple[chosen]]]):
+                    remember((vni, conversation))
+                for i in chosen[~simple[chosen]]:
                     remember((vni, conversations[i]))
                 summary.packets += len(chosen) - len(failed)
                 summary.bytes += int((lengths + headers).sum() -
@@ -574,7 +560,7 @@ class _Run:
                 if self.attempted and self.attempted % PROGRESS_EVERY < len(chosen):
                     self.report()
         finally:
-            del view, rows  # no export of the mapping may outlive it (it is closed next)
+            del view  # no export of the mapping may outlive it (it is closed next)
             self.bytes_read += len(data) if pos >= len(data) else reached
             self.report()
 
@@ -599,6 +585,71 @@ class _Run:
             summary.filter_table = self.evaluator.table()
 
 
+class _KnownKeys:
+    """The batch path's flow keys (`collector._fastio.flow_keys` rows) and what the
+    `Encapsulator` made of them: the outer source port and the conversation, found for a
+    whole batch at once by the rows' 64-bit hashes (sorted, searched with numpy). A hash
+    only stands for the key whose bytes it was stored with: a row with the same hash and
+    other bytes is left to flow_of, so a collision can never give a wrong port."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.hashes = np.empty(0, np.uint64)
+        self.keys = np.empty((0, _KEY_LEN), np.uint8)
+        self.ports = np.empty(0, np.int64)
+        self.conversations = np.empty(0, object)
+        self.sent = np.empty(0, np.bool_)  # the flow was remembered (attempted) already
+
+    def _lookup(self, keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        """Each row's slot, -1 where it is not known (or is not a common-case row)."""
+        slot = np.full(len(hashes), -1, np.int64)
+        if not len(self.hashes):
+            return slot
+        at = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        hit = (hashes != 0) & (self.hashes[at] == hashes)
+        rows = np.flatnonzero(hit)
+        same = (self.keys[at[rows]] == keys[rows]).all(axis=1)
+        slot[rows[same]] = at[rows[same]]
+        return slot
+
+    def find(self, keys, hashes, view, offsets, caplens, flow_hashes) -> np.ndarray:
+        """Slots of the rows (after adding the keys first seen here); -1: ask flow_of."""
+        slot = self._lookup(keys, hashes)
+        new = (slot < 0) & (hashes != 0)
+        if new.any():
+            rows = np.flatnonzero(new)
+            fresh, first = np.unique(hashes[rows], return_index=True)
+            taken = np.isin(fresh, self.hashes)  # a collision with a known key: flow_of
+            first = rows[first[~taken]]
+            if len(self.hashes) + len(first) > _CACHED_KEYS:
+                self.clear()
+            ports, conversations = [], []
+            for i in first:
+                port, conversation = flow_hashes(flow_of(view[offsets[i]:offsets[i]
+                                                              + caplens[i]]))
+                ports.append(port)
+                conversations.append(conversation)
+            new_conversations = np.empty(len(first), object)
+            new_conversations[:] = conversations
+            hashes_all = np.concatenate((self.hashes, hashes[first]))
+            order = np.argsort(hashes_all, kind="stable")
+            self.hashes = hashes_all[order]
+            self.keys = np.concatenate((self.keys, keys[first]))[order]
+            self.ports = np.concatenate((self.ports, np.array(ports, np.int64)))[order]
+            self.conversations = np.concatenate((self.conversations, new_conversations))[order]
+            self.sent = np.concatenate((self.sent, np.zeros(len(first), np.bool_)))[order]
+            slot = self._lookup(keys, hashes)  # rows sharing a new hash with other bytes: -1
+        return slot
+
+    def first_sent(self, slots: np.ndarray) -> list:
+        """The conversations of `slots` (rows being sent) not sent before."""
+        fresh = np.unique(slots[~self.sent[slots]])
+        self.sent[fresh] = True
+        return self.conversations[fresh].tolist()
+
+
 def _classic_ethernet_pcap(path) -> mmap.mmap | None:
     """The file mapped when it is a classic pcap of Ethernet frames whose records all walk
     cleanly (the batch path's input), else None: the per-record reader then reads it and
@@ -606,7 +657,10 @@ def _classic_ethernet_pcap(path) -> mmap.mmap | None:
     fast = compiled.extension("_fastio")
     try:
         with open(path, "rb") as f:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # MAP_POPULATE: the pages mapped in one go, not one fault each as the walk
+            # touches them
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            data = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
     except (OSError, ValueError):  # empty, or not a regular file
         return None
     try:
