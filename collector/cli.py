@@ -326,14 +326,18 @@ def compact_command(data_dir, table, older_than, target_rows, grace, dry_run) ->
       collector compact --data s3://bucket/flows-prefix --older-than 2
     """
     from collector.store.compact import CompactError, Settings, compact
+    from collector.store.manifest import ManifestError
 
     tables = ("flows", "packets", "sessions") if table == "all" else (table,)
     settings = Settings(older_than=older_than * 3600, target_rows=target_rows, grace=grace,
                         dry_run=dry_run)
     try:
         result = compact(data_dir, tables=tables, settings=settings)
-    except CompactError as e:
+    except (CompactError, ManifestError) as e:
         raise click.ClickException(str(e)) from e
+    except OSError as e:  # an unreachable store, a read-only directory: what was done stands
+        raise click.ClickException(f"{data_dir}: {e} (a later run finishes what this one "
+                                   "started)") from e
     verb = "would merge" if dry_run else "merged"
     for part in result.compacted:
         click.echo(f"{part.table}/{part.partition}: {verb} {part.files_in} files, {part.rows} rows"

@@ -362,3 +362,13 @@ def test_writers_still_writing_lose_nothing_and_double_nothing(templates, tmp_pa
     # the open hour was never touched; closed hours hold compacted files (and new stragglers)
     assert not list(tmp_path.glob("flows/date=2026-01-01/hour=03/*compact~*"))
     assert list(tmp_path.glob("flows/date=2026-01-01/hour=00/compact~*"))
+
+
+def test_an_unreachable_store_is_one_line_not_a_traceback(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    result = CliRunner().invoke(main, ["compact", "--data", "s3://bucket-x/prefix"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: s3://bucket-x/prefix: ") and "later run" in result.output
