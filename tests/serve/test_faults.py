@@ -177,8 +177,8 @@ FLUSH = 1.0
 
 def window(sender: PacedSender, killed_at: float, back_at: float) -> tuple[float, float]:
     """The send times a kill may lose: received in memory (active timeout + flush + a poll,
-    +0.5 s of scheduling slack on a shared machine) before the kill, up to the restart."""
-    memory = TIMEOUTS["active_timeout"] + FLUSH + POLL_MS / 1000 + 0.5
+    +1 s of scheduling slack on a shared machine) before the kill, up to the restart."""
+    memory = TIMEOUTS["active_timeout"] + FLUSH + POLL_MS / 1000 + 1.0
     return killed_at - memory, back_at
 
 
