@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import socket
 import tempfile
 
 import numpy as np
@@ -178,13 +180,27 @@ def check_config(data: bytes) -> None:
 def _check_config_ranges(config) -> None:
     for address in (config.listen, config.health, config.geneve_listen):
         if address is not None:
-            assert 0 < address.port < 65536 and address.host, address
+            assert 0 < address.port < 65536 and _bindable_host(address.host), address
     for name in ("flush_seconds", "idle_timeout", "active_timeout", "shutdown_timeout", "health_stale"):
         value = getattr(config, name)
         assert value > 0 and math.isfinite(value), (name, value)
     for name in ("workers", "max_flows", "batch", "rcvbuf"):
         assert getattr(config, name) > 0, name
+    assert config.rcvbuf < 2**31, config.rcvbuf  # setsockopt takes a C int
     assert 0 <= config.packet_bytes <= 9000 and config.min_free >= 0
+
+
+def _bindable_host(host: str) -> bool:
+    """An address literal, or a name made of DNS labels (not all digits: that is an address)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except (OSError, ValueError):
+            pass
+    labels = host.rstrip(".").split(".")
+    return (not all(label.isdigit() for label in labels)
+            and all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels))
 
 
 def check_fastflow(data: bytes) -> None:

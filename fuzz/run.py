@@ -7,8 +7,8 @@ For each target: write its seed corpus (fuzz/seeds.py) to fuzz/work/corpus/TARGE
 input, keep it in fuzz/crashes/TARGET/ and go on fuzzing for the time that is left (the
 corpus grown so far is kept). Prints one line per target (runs, corpus, coverage, peak RSS,
 failing inputs) and exits 1 if any target found one. Replay a saved input with
-`python -m fuzz.harness TARGET fuzz/crashes/TARGET/crash-...`; every one found so far is a
-regression test in tests/test_fuzz_regressions.py.
+`python -m fuzz.harness TARGET fuzz/crashes/TARGET/crash-...`; once fixed, copy it to
+fuzz/regressions/TARGET/ (committed), which tests/test_fuzz_regressions.py replays.
 """
 
 from __future__ import annotations
