@@ -256,14 +256,17 @@ def main() -> None:
     parser.add_argument("--active", type=int, default=1_000_000)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--memory-runs", type=int, default=1,
+                        help="ingests per capture for the peak RSS (it hardly varies)")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     print_header("flows: memory per active flow, Parquet per row, queries over many flows")
     if not args.skip_memory:
         table_memory(args.active)
-        memory_and_storage(args.active, args.runs)
+        memory_and_storage(args.active, args.memory_runs)
     query_latency(args.rows, args.runs)
+    print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":
