@@ -119,7 +119,12 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.rfile = real_rfile
         self.close_connection = True
-        self._dispatch()
+        if self.request_version == "HTTP/0.9":
+            # "GET /path" without a version: the stdlib would answer with a bare body, no
+            # status line; nothing that checks health or scrapes metrics speaks 0.9
+            self.send_error(400)
+        else:
+            self._dispatch()
         self.wfile.flush()
 
     def _read_head(self) -> bytes | None:

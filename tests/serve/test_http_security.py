@@ -116,6 +116,7 @@ def test_header_flood_is_431(server):
 
 
 @pytest.mark.parametrize("raw", [b"\r\n\r\n", b"GARBAGE\r\n\r\n", b"GET\r\n\r\n",
+                                 b"GET /healthz\r\n\r\n", b"GET  HTTP/1.1\r\n\r\n",
                                  b"GET /healthz HTTP/9.9\r\n\r\n", b"GET /healthz FOO/1.1\r\n\r\n",
                                  b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
                                  b"GET /healthz HTTP/1.1\r\nbad header line\r\n\r\n",
@@ -126,6 +127,8 @@ def test_malformed_requests_get_an_error_not_a_hang(server, raw):
     assert time.monotonic() - started < 3
     if got:
         assert got.startswith(b"HTTP/1.1 ") and status(got) in (200, 400, 404, 405, 505), got[:80]
+        if raw.count(b" ") < 2:  # HTTP/0.9 style: refused with a status line, not a bare body
+            assert status(got) == 400, got[:80]
         assert b"Traceback" not in got
 
 
@@ -195,3 +198,36 @@ def test_binds_only_where_configured(server):
 
 def test_server_header_names_no_versions(server):
     assert headers(exchange(server.health, request("GET", "/healthz")))["server"] == "collector"
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """The same listener in this process (no workers behind it): fast enough for a property."""
+    from collector.serve.config import Address
+
+    server = http.HealthServer(Address("127.0.0.1", 0), lambda: (True, {"ok": True}),
+                               lambda: ([], {}), None)
+    server.start()
+    yield ("127.0.0.1", server.port)
+    server.stop()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60)
+@given(method=st.one_of(st.sampled_from(["GET", "HEAD", "POST", "PUT", "get", ""]), st.text(max_size=10)),
+       path=st.one_of(st.sampled_from(["/healthz", "/metrics", "/flush", "/"]), st.text(max_size=40)),
+       tail=st.binary(max_size=300))
+def test_any_request_gets_a_status_line_or_a_close(in_process, method, path, tail):
+    raw = f"{method} {path} HTTP/1.1\r\n".encode("utf-8", "replace") + tail + b"\r\n\r\n"
+    started = time.monotonic()
+    got = exchange(in_process, raw, timeout=5)
+    assert time.monotonic() - started < 3
+    if got:
+        assert got.startswith(b"HTTP/1.1 "), got[:60]
+        code = status(got)
+        assert code in (200, 400, 404, 405, 408, 431, 505), got[:60]
+        if code == 200:
+            assert method in ("GET", "HEAD") and path.split("?")[0] in ("/healthz", "/metrics", "/"), (method, path)
