@@ -97,10 +97,10 @@ class _Handler(BaseHTTPRequestHandler):
     registry = None
     flush = None  # POST /flush, only with --control
     protocol_version = "HTTP/1.1"
+    timeout = WRITE_TIMEOUT  # the socket timeout; the head has its own overall deadline
 
     def version_string(self) -> str:  # the Server header: no Python version for scanners
         return "collector"
-    timeout = WRITE_TIMEOUT  # the socket timeout; the head has its own overall deadline
 
     def handle(self) -> None:
         """One request, then close."""
@@ -108,6 +108,9 @@ class _Handler(BaseHTTPRequestHandler):
         head = self._read_head()
         if head is None:
             return
+        # reading the head left the timeout at what remained of its deadline: writing the
+        # response (a /metrics page to a slow scraper) gets its own
+        self.connection.settimeout(WRITE_TIMEOUT)
         # The stdlib parses the head (request line, version, headers) from memory: it never
         # reads the socket, so its own limits (64 KiB lines, 100 headers) are not the bound.
         self.raw_requestline, _, rest = head.partition(b"\n")
