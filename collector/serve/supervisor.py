@@ -44,6 +44,9 @@ def _worker_main(index: int, config: ServeConfig, conn, registry: SessionRegistr
                  sockets: list[tuple[str, int, socket.socket]]) -> None:
     """Entry point of a worker process. `sockets`: (listener, port, socket) that the
     supervisor opened for this worker and keeps open across its restarts."""
+    # Born with SIGHUP blocked (see Supervisor._spawn): ignore it, then let signals in.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     logs.setup(config.log_format)
     listeners = [Listener(name, port, sock) for name, port, sock in sockets]
     # The supervisor's map is the one in force: not the files, which may have changed since.
@@ -239,7 +242,15 @@ class Supervisor:
                                    args=(index, self.config, child, self.registry,
                                          self.sockets[index]),
                                    name=f"collector-worker-{index}", daemon=False)
-        process.start()
+        # A SIGHUP to the whole process group (`kill -HUP -PGID`, `pkill -HUP collector`)
+        # would kill a worker still importing, before it ignores SIGHUP (its default action
+        # terminates): the child inherits a blocked SIGHUP across exec. Ours stays pending and
+        # is handled when unblocked here.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         child.close()
         self.processes[index], self.pipes[index] = process, parent
         self.started_at[index] = time.time()

@@ -531,3 +531,31 @@ def test_sighup_storm_during_traffic(tmp_path):
         server.kill()
     assert "exited with" not in server.log()
     assert "SIGHUP: 2 sessions loaded" in server.log()
+
+
+def test_sighup_storm_to_the_process_group_while_a_worker_restarts(tmp_path):
+    """SIGHUPs to every process of the service (`pkill -HUP`, `kill -HUP -PGID`) while a killed
+    worker's replacement is still importing: its default action used to kill it, again and
+    again (a restart loop for as long as the storm lasted). Now it is born with SIGHUP
+    blocked, and only the deliberate SIGKILL shows in the log."""
+    server = CollectorServer(tmp_path, workers=2, flush_seconds=1).start()
+    try:
+        send_flows(server, 0, 100)
+        server.flush()  # nothing in memory: the kill below takes no flow with it
+        victim = worker_pids(server)[0]
+        os.kill(victim, signal.SIGKILL)
+        start, signals = time.monotonic(), 0
+        while time.monotonic() - start < 4:
+            os.killpg(server.pid, signal.SIGHUP)
+            signals += 1
+            time.sleep(0.003)
+        assert signals >= 400
+        server.wait_healthy(30)
+        send_flows(server, 100, 100)
+        server.flush()
+        assert sum(stored_per_flow(server.data_dir).values()) == 200 * PER_FLOW
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    died = [line for line in server.log().splitlines() if "exited with" in line]
+    assert len(died) == 1 and "exited with -9" in died[0], died
