@@ -291,18 +291,22 @@ def _maintain(location: Location, table: str, partition: str, names: set[str], n
                 hook("published", logical)
             entry["published_at"] = now
             changed = True
-    for name, since in sorted(superseded.items()):
-        if now - since >= grace:
-            logical = compacted_name(name)
-            doomed = [name] if logical is None else [COMPACTED_PREFIX + logical + ".parquet",
-                                                     HIDDEN_PREFIX + logical + ".parquet"]
-            for victim in doomed:  # deleted even if not listed: absent is fine, kept is not
-                _delete(location, f"{directory}/{victim}")
-                if victim in names:
-                    result.deleted += 1
-                    hook("deleted", victim)
-            del superseded[name]
-            changed = True
+    due = [name for name, since in sorted(superseded.items()) if now - since >= grace]
+    victims = []  # deleted even if not listed: absent is fine, kept is not
+    for name in due:
+        logical = compacted_name(name)
+        victims += [name] if logical is None else [COMPACTED_PREFIX + logical + ".parquet",
+                                                   HIDDEN_PREFIX + logical + ".parquet"]
+    # Hive engines may count this hour twice from the publication until the last deletion.
+    # (Deleting in parallel was measured slower against a local SeaweedFS: one at a time.)
+    for victim in victims:
+        _delete(location, f"{directory}/{victim}")
+        if victim in names:
+            result.deleted += 1
+            hook("deleted", victim)
+    for name in due:
+        del superseded[name]
+        changed = True
     for logical, entry in live.items():
         hidden = HIDDEN_PREFIX + logical + ".parquet"
         if (entry["published_at"] is not None and now - entry["published_at"] >= grace
