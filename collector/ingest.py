@@ -27,6 +27,7 @@ from collector.capture import CaptureError, Record, read_capture
 from collector.compiled import extension
 from collector.decode import GENEVE_PORT, VXLAN_GPE_PORT, VXLAN_PORT, decode_batch
 from collector.decode.outer import link_layer, outer_datagram
+from collector.flows import fast
 from collector.pipeline import Pipeline
 
 BATCH_ROWS = 4096
@@ -291,7 +292,10 @@ def _route(record: Record, slots: dict[int, _Slots], vxlan_header: bytes, no_vni
 def _feed(pipeline: Pipeline, slots: _Slots) -> None:
     rows = slots.rows
     buf, lengths, ts = slots.buf[:rows], slots.lengths[:rows], slots.ts[:rows]
-    batch = decode_batch(buf, lengths, slots.port, slots.present[:rows])
+    # Pipeline.feed's decoder (compiled or not, as the pipeline runs), split from metering so
+    # that plain packets can lose the VNI their synthesised VXLAN header had to carry.
+    decode = fast.decode_batch if pipeline.compiled else decode_batch
+    batch = decode(buf, lengths, slots.port, slots.present[:rows])
     if slots.no_vni[:rows].any():
         batch.vni[slots.no_vni[:rows]] = -1  # a plain packet of a capture without --vni
     pipeline.feed_decoded(batch, ts, buf, lengths)
