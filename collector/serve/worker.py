@@ -152,6 +152,8 @@ class Worker:
                 ready = poller.poll(POLL_MS)
             except InterruptedError:
                 ready = []
+            if ready:
+                self._check_clock()
             for fd, _ in ready:
                 self._receive(by_fd[fd])
             message = self.inbox()
@@ -202,15 +204,19 @@ class Worker:
             self._malformed_seen = total
 
     def _tick(self) -> None:
-        wall, monotonic = time.time_ns(), time.monotonic_ns()
-        step = self.clock.step(wall, monotonic)
+        self._check_clock()
+        self._guard(self.pipeline.tick, self.clock.now(time.time_ns(), time.monotonic_ns()))
+
+    def _check_clock(self) -> None:
+        """At a wall-clock step, export every active flow before any datagram stamped after
+        the step joins a flow of datagrams stamped before it."""
+        step = self.clock.step(time.time_ns(), time.monotonic_ns())
         if step:
             self.clock_steps += 1
             log.warning("worker %d: the wall clock stepped %+.3f s: exporting every active flow "
                         "(end_reason flush) so that no flow mixes times from both sides",
                         self.index, step / 1e9)
             self._guard(self.pipeline.flush)
-        self._guard(self.pipeline.tick, self.clock.now(wall, monotonic))
 
     def _writers(self):
         return [w for w in (self.pipeline.flow_writer, self.pipeline.packet_writer) if w]
