@@ -1020,79 +1020,146 @@ static inline void put_addr(uint8_t out[16], uint64_t hi, uint64_t lo, int versi
 
 static inline int64_t opt(int64_t v) { return v < 0 ? -1 : v; }
 
-/* _meter for one decoded row */
-static int meter(Table *t, int64_t ts, int64_t vni, int64_t vlan, int64_t inner,
-                 int64_t ethertype, int64_t version, int64_t proto, bool src_ok,
-                 const uint8_t src[16], bool dst_ok, const uint8_t dst[16], int64_t sport,
-                 int64_t dport, int64_t wire_len, int64_t captured_len, int64_t l3_offset,
-                 bool truncated, int64_t flags, int64_t frag_offset, int64_t more,
-                 int64_t ip_id) {
-    t->packets++;
-    if (frag_offset > 0 || more == 1) {
-        FragKey fk;
-        memset(&fk, 0, sizeof fk);
-        memcpy(fk.src, src, 16);
-        memcpy(fk.dst, dst, 16);
-        fk.ip_id = (int64_t)ip_id;
-        fk.vni = (int32_t)vni;
-        fk.vlan = (int16_t)vlan;
-        fk.proto = (int16_t)proto;
-        fk.version = (int8_t)version;
-        if (frag_offset > 0) { /* a later fragment: its ports are those of the first, if seen */
-            if (src_ok && dst_ok) {
-                int64_t id = frag_find(t, &fk, frag_hash(&fk));
-                if (id >= 0 && ts - t->frags[id].ts <= t->fragment_ns) {
-                    sport = t->frags[id].sport;
-                    dport = t->frags[id].dport;
-                }
-            }
-        } else if (src_ok && dst_ok) {
-            if (frag_remember(t, &fk, (int32_t)sport, (int32_t)dport, ts) < 0) return -1;
+/* the values _meter takes for one decoded row (collector/flows/table.py _batch_columns) */
+typedef struct {
+    int64_t ts, vni, vlan, inner, ethertype, version, proto, sport, dport, wire_len,
+        captured_len, l3_offset, flags, frag_offset, more, ip_id;
+    uint8_t src[16], dst[16];
+    bool src_ok, dst_ok, truncated;
+} In;
+
+typedef struct {
+    const int64_t *ts, *ip_id;
+    const int32_t *vni, *ethertype, *sport, *dport, *wire, *captured, *frag;
+    const int16_t *vlan, *inner, *proto, *l3, *itype, *icode, *flags;
+    const int8_t *vlan_count, *ipv, *more;
+    const uint64_t *src_hi, *src_lo, *dst_hi, *dst_lo;
+    const uint8_t *reason, *src_ok, *dst_ok, *trunc;
+} Cols;
+
+static inline void row_inputs(const Cols *c, Py_ssize_t i, In *x) {
+    x->ts = c->ts[i];
+    x->version = opt(c->ipv[i]);
+    x->proto = opt(c->proto[i]);
+    x->sport = opt(c->sport[i]);
+    x->dport = opt(c->dport[i]);
+    if (x->proto == 1 || x->proto == 58) { /* icmp_ports */
+        int64_t type = opt(c->itype[i]);
+        if (type < 0) {
+            x->sport = x->dport = -1;
+        } else {
+            int16_t pair = type < 256 ? icmp_counterparts((int)x->version)[type] : -1;
+            x->sport = type;
+            x->dport = pair >= 0 ? pair : opt(c->icode[i]);
         }
     }
+    x->src_ok = c->src_ok[i] != 0;
+    x->dst_ok = c->dst_ok[i] != 0;
+    if (x->src_ok) put_addr(x->src, c->src_hi[i], c->src_lo[i], (int)x->version);
+    else memset(x->src, 0, 16);
+    if (x->dst_ok) put_addr(x->dst, c->dst_hi[i], c->dst_lo[i], (int)x->version);
+    else memset(x->dst, 0, 16);
+    x->vni = opt(c->vni[i]);
+    x->vlan = c->vlan_count[i] >= 1 ? c->vlan[i] : -1;
+    x->inner = c->vlan_count[i] >= 2 ? c->inner[i] : -1;
+    x->ethertype = opt(c->ethertype[i]);
+    x->wire_len = opt(c->wire[i]);
+    x->captured_len = c->captured[i];
+    x->l3_offset = opt(c->l3[i]);
+    x->truncated = c->trunc[i] != 0;
+    x->flags = opt(c->flags[i]);
+    x->frag_offset = opt(c->frag[i]);
+    x->more = c->more[i] < 0 ? -1 : c->more[i] != 0;
+    x->ip_id = opt(c->ip_id[i]);
+}
+
+/* the flow key of a row and which endpoint sent it; returns the key's hash */
+static inline uint64_t row_key(const In *x, Key *k, bool *from_a) {
     /* unknown fields sort first, so a copy without addresses is one endpoint */
     int cmp;
-    if (src_ok != dst_ok) cmp = src_ok ? 1 : -1;
-    else cmp = src_ok ? memcmp(src, dst, 16) : 0;
-    if (cmp == 0) cmp = (sport > dport) - (sport < dport);
-    bool from_a = cmp <= 0;
+    if (x->src_ok != x->dst_ok) cmp = x->src_ok ? 1 : -1;
+    else cmp = x->src_ok ? memcmp(x->src, x->dst, 16) : 0;
+    if (cmp == 0) cmp = (x->sport > x->dport) - (x->sport < x->dport);
+    bool a = cmp <= 0;
+    *from_a = a;
+    memcpy(k->a, a ? x->src : x->dst, 16); /* absent addresses are zeros */
+    memcpy(k->b, a ? x->dst : x->src, 16);
+    k->vni = (int32_t)x->vni;
+    k->ethertype = (int32_t)x->ethertype;
+    k->port_a = (int32_t)(a ? x->sport : x->dport);
+    k->port_b = (int32_t)(a ? x->dport : x->sport);
+    k->vlan = (int16_t)x->vlan;
+    k->inner = (int16_t)x->inner;
+    k->proto = (int16_t)x->proto;
+    k->version = (int8_t)x->version;
+    bool oka = a ? x->src_ok : x->dst_ok, okb = a ? x->dst_ok : x->src_ok;
+    k->ok = (uint8_t)(oka | (okb << 1));
+    return key_hash(k);
+}
+
+static int meter_flow(Table *t, const Key *kp, uint64_t h, bool from_a, int64_t ts,
+                      int64_t proto, int64_t ip_bytes, int64_t captured_len, bool truncated,
+                      int64_t flags);
+
+/* _meter for one decoded row */
+static int meter(Table *t, In *x) {
+    t->packets++;
+    int64_t ts = x->ts;
+    if (x->frag_offset > 0 || x->more == 1) {
+        FragKey fk;
+        memset(&fk, 0, sizeof fk);
+        memcpy(fk.src, x->src, 16);
+        memcpy(fk.dst, x->dst, 16);
+        fk.ip_id = x->ip_id;
+        fk.vni = (int32_t)x->vni;
+        fk.vlan = (int16_t)x->vlan;
+        fk.proto = (int16_t)x->proto;
+        fk.version = (int8_t)x->version;
+        if (x->frag_offset > 0) { /* a later fragment: its ports are those of the first, if seen */
+            if (x->src_ok && x->dst_ok) {
+                int64_t id = frag_find(t, &fk, frag_hash(&fk));
+                if (id >= 0 && ts - t->frags[id].ts <= t->fragment_ns) {
+                    x->sport = t->frags[id].sport;
+                    x->dport = t->frags[id].dport;
+                }
+            }
+        } else if (x->src_ok && x->dst_ok) {
+            if (frag_remember(t, &fk, (int32_t)x->sport, (int32_t)x->dport, ts) < 0) return -1;
+        }
+    }
     Key k;
-    memset(&k, 0, sizeof k);
-    k.vni = (int32_t)vni;
-    k.vlan = (int16_t)vlan;
-    k.inner = (int16_t)inner;
-    k.ethertype = (int32_t)ethertype;
-    k.version = (int8_t)version;
-    k.proto = (int16_t)proto;
-    const uint8_t *pa = from_a ? src : dst, *pb = from_a ? dst : src;
-    bool oka = from_a ? src_ok : dst_ok, okb = from_a ? dst_ok : src_ok;
-    if (oka) memcpy(k.a, pa, 16);
-    if (okb) memcpy(k.b, pb, 16);
-    k.ok = (uint8_t)(oka | (okb << 1));
-    k.port_a = (int32_t)(from_a ? sport : dport);
-    k.port_b = (int32_t)(from_a ? dport : sport);
-    uint64_t h = key_hash(&k);
-    int64_t id = table_find(t, &k, h);
+    bool from_a;
+    uint64_t h = row_key(x, &k, &from_a);
+    int64_t ip_bytes;
+    if (x->wire_len >= 0) ip_bytes = x->wire_len;
+    else if (x->l3_offset >= 0)
+        ip_bytes = x->captured_len - x->l3_offset > 0 ? x->captured_len - x->l3_offset : 0;
+    else ip_bytes = x->captured_len;
+    return meter_flow(t, &k, h, from_a, ts, x->proto, ip_bytes, x->captured_len, x->truncated,
+                      x->flags);
+}
+
+/* the rest of _meter, once the key is known */
+static int meter_flow(Table *t, const Key *kp, uint64_t h, bool from_a, int64_t ts,
+                      int64_t proto, int64_t ip_bytes, int64_t captured_len, bool truncated,
+                      int64_t flags) {
+    int64_t id = table_find(t, kp, h);
     if (id >= 0) {
         /* The flow may have ended before this packet, whatever the clock ticks said. */
         int reason = ended_by(t, FLOW(t, id), ts);
         if (reason >= 0) {
             if (flow_end(t, (uint32_t)id, reason) < 0) return -1;
             id = -1;
-        } else {
+        } else if (t->lru_tail != (uint32_t)id) {
             lru_unlink(t, (uint32_t)id);
             lru_append(t, (uint32_t)id);
         }
     }
     if (id < 0) {
-        id = flow_start(t, &k, h, ts);
+        id = flow_start(t, kp, h, ts);
         if (id < 0) return -1;
     }
     Flow *f = FLOW(t, id);
-    int64_t ip_bytes;
-    if (wire_len >= 0) ip_bytes = wire_len;
-    else if (l3_offset >= 0) ip_bytes = captured_len - l3_offset > 0 ? captured_len - l3_offset : 0;
-    else ip_bytes = captured_len;
     Side *s = &f->side[from_a ? 0 : 1];
     if (s->packets == 0 || ts < s->first_ns) s->first_ns = ts;
     s->packets++;
@@ -1116,6 +1183,11 @@ static int meter(Table *t, int64_t ts, int64_t vni, int64_t vlan, int64_t inner,
     return 0;
 }
 
+/* Rows ahead of the one metered whose index slot / flow record are fetched: a packet's flow
+ * record is a cache miss at table sizes past the caches, and prefetching hides most of it. */
+#define AHEAD_SLOT 12
+#define AHEAD_RECORD 6
+
 /* add_batch(columns, ts) -> flows ended (rows waiting in take()) */
 static PyObject *table_add_batch(Table *t, PyObject *args) {
     PyObject *cols_obj, *ts_obj;
@@ -1129,49 +1201,72 @@ static PyObject *table_add_batch(Table *t, PyObject *args) {
         PyBuffer_Release(&tsb);
         return NULL;
     }
+    Cols v = {
+        .ts = tsb.buf, .ip_id = COL(&c, C_IPID, int64_t), .vni = COL(&c, C_VNI, int32_t),
+        .ethertype = COL(&c, C_ETHERTYPE, int32_t), .sport = COL(&c, C_SPORT, int32_t),
+        .dport = COL(&c, C_DPORT, int32_t), .wire = COL(&c, C_WIRE, int32_t),
+        .captured = COL(&c, C_CAPTURED, int32_t), .frag = COL(&c, C_FRAG, int32_t),
+        .vlan = COL(&c, C_VLAN, int16_t), .inner = COL(&c, C_INNER_VLAN, int16_t),
+        .proto = COL(&c, C_PROTO, int16_t), .l3 = COL(&c, C_L3, int16_t),
+        .itype = COL(&c, C_ICMP_TYPE, int16_t), .icode = COL(&c, C_ICMP_CODE, int16_t),
+        .flags = COL(&c, C_FLAGS, int16_t), .vlan_count = COL(&c, C_VLAN_COUNT, int8_t),
+        .ipv = COL(&c, C_IPV, int8_t), .more = COL(&c, C_MORE, int8_t),
+        .src_hi = COL(&c, C_SRC_HI, uint64_t), .src_lo = COL(&c, C_SRC_LO, uint64_t),
+        .dst_hi = COL(&c, C_DST_HI, uint64_t), .dst_lo = COL(&c, C_DST_LO, uint64_t),
+        .reason = COL(&c, C_REASON, uint8_t), .src_ok = COL(&c, C_SRC_OK, uint8_t),
+        .dst_ok = COL(&c, C_DST_OK, uint8_t), .trunc = COL(&c, C_TRUNC, uint8_t),
+    };
     size_t before = t->nrows;
-    const int64_t *ts = tsb.buf;
-    const uint8_t *reason = COL(&c, C_REASON, uint8_t);
-    const int32_t *vni = COL(&c, C_VNI, int32_t), *ethertype = COL(&c, C_ETHERTYPE, int32_t);
-    const int16_t *vlan = COL(&c, C_VLAN, int16_t), *inner = COL(&c, C_INNER_VLAN, int16_t);
-    const int8_t *vlan_count = COL(&c, C_VLAN_COUNT, int8_t), *ipv = COL(&c, C_IPV, int8_t);
-    const int16_t *proto = COL(&c, C_PROTO, int16_t), *l3 = COL(&c, C_L3, int16_t);
-    const uint64_t *src_hi = COL(&c, C_SRC_HI, uint64_t), *src_lo = COL(&c, C_SRC_LO, uint64_t);
-    const uint64_t *dst_hi = COL(&c, C_DST_HI, uint64_t), *dst_lo = COL(&c, C_DST_LO, uint64_t);
-    const uint8_t *src_ok = COL(&c, C_SRC_OK, uint8_t), *dst_ok = COL(&c, C_DST_OK, uint8_t);
-    const int32_t *sport = COL(&c, C_SPORT, int32_t), *dport = COL(&c, C_DPORT, int32_t);
-    const int16_t *itype = COL(&c, C_ICMP_TYPE, int16_t), *icode = COL(&c, C_ICMP_CODE, int16_t);
-    const int32_t *wire = COL(&c, C_WIRE, int32_t), *captured = COL(&c, C_CAPTURED, int32_t);
-    const uint8_t *trunc = COL(&c, C_TRUNC, uint8_t);
-    const int16_t *flags = COL(&c, C_FLAGS, int16_t);
-    const int32_t *frag = COL(&c, C_FRAG, int32_t);
-    const int8_t *more = COL(&c, C_MORE, int8_t);
-    const int64_t *ip_id = COL(&c, C_IPID, int64_t);
     int failed = 0;
-    for (Py_ssize_t i = 0; i < n && !failed; i++) {
-        if (reason[i]) continue;
-        int64_t version = opt(ipv[i]), p = opt(proto[i]);
-        int64_t sp = opt(sport[i]), dp = opt(dport[i]);
-        if (p == 1 || p == 58) { /* icmp_ports */
-            int64_t type = opt(itype[i]);
-            if (type < 0) {
-                sp = dp = -1;
-            } else {
-                int16_t pair = type < 256 ? icmp_counterparts((int)version)[type] : -1;
-                sp = type;
-                dp = pair >= 0 ? pair : opt(icode[i]);
-            }
+    /* the decoded rows and the hashes of their keys (as if no fragment changes their ports:
+     * only used to prefetch) */
+    Py_ssize_t m = 0;
+    size_t cap = (size_t)(n ? n : 1);
+    Py_ssize_t *rows = malloc(cap * sizeof(Py_ssize_t));
+    uint64_t *hashes = malloc(cap * sizeof(uint64_t));
+    Key *keys = malloc(cap * sizeof(Key));
+    uint8_t *sides = malloc(cap);
+    if (!rows || !hashes || !keys || !sides) {
+        failed = 1;
+    } else {
+        In x;
+        bool from_a;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (v.reason[i]) continue;
+            row_inputs(&v, i, &x);
+            rows[m] = i;
+            hashes[m] = row_key(&x, &keys[m], &from_a);
+            sides[m++] = from_a;
         }
-        uint8_t sa[16] = {0}, da[16] = {0};
-        if (src_ok[i]) put_addr(sa, src_hi[i], src_lo[i], (int)version);
-        if (dst_ok[i]) put_addr(da, dst_hi[i], dst_lo[i], (int)version);
-        int64_t m = more[i] < 0 ? -1 : more[i] != 0;
-        failed = meter(t, ts[i], opt(vni[i]), vlan_count[i] >= 1 ? vlan[i] : -1,
-                       vlan_count[i] >= 2 ? inner[i] : -1, opt(ethertype[i]), version, p,
-                       src_ok[i] != 0, sa, dst_ok[i] != 0, da, sp, dp, opt(wire[i]),
-                       captured[i], opt(l3[i]), trunc[i] != 0, opt(flags[i]), opt(frag[i]), m,
-                       opt(ip_id[i])) < 0;
+        for (Py_ssize_t j = 0; j < m && !failed; j++) {
+            if (j + AHEAD_SLOT < m) __builtin_prefetch(&t->index.slots[hashes[j + AHEAD_SLOT] & t->index.mask]);
+            if (j + AHEAD_RECORD < m) {
+                uint32_t slot = t->index.slots[hashes[j + AHEAD_RECORD] & t->index.mask];
+                if (slot) {
+                    const char *record = (const char *)FLOW(t, slot - 1);
+                    __builtin_prefetch(record, 1);
+                    __builtin_prefetch(record + 64, 1);
+                    __builtin_prefetch(record + 128, 1);
+                }
+            }
+            Py_ssize_t i = rows[j];
+            if (v.frag[i] > 0 || v.more[i] == 1) { /* fragments may change the ports: all of _meter */
+                row_inputs(&v, i, &x);
+                failed = meter(t, &x) < 0;
+                continue;
+            }
+            t->packets++;
+            int64_t captured = v.captured[i], l3 = opt(v.l3[i]), wire = opt(v.wire[i]);
+            int64_t ip_bytes = wire >= 0 ? wire : l3 >= 0 ? (captured - l3 > 0 ? captured - l3 : 0)
+                                                          : captured;
+            failed = meter_flow(t, &keys[j], hashes[j], sides[j], v.ts[i], opt(v.proto[i]),
+                                ip_bytes, captured, v.trunc[i] != 0, opt(v.flags[i])) < 0;
+        }
     }
+    free(rows);
+    free(hashes);
+    free(keys);
+    free(sides);
     columns_release(&c);
     PyBuffer_Release(&tsb);
     if (failed) return PyErr_NoMemory();
