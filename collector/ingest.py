@@ -10,6 +10,12 @@ Records are gathered into receive-slot batches (as the live listener does) and d
 `decode_batch`, one batch per mirror port. A capture that is cut or corrupt raises
 `CaptureError` naming the file and offset, after everything read before it has been metered
 and written.
+
+Two walks fill the batches, with the same result: `collector._fastcapture` (C) over the file
+mapped in memory, when it is built and the file is a regular one, and otherwise (a pipe, an
+empty file, COLLECTOR_PURE_PYTHON=1) the reference, `read_capture` + `outer_datagram` +
+`_route` in Python, which is the readable statement of every rule the C code follows.
+tests/test_fastcapture.py holds them equal: batches, ticks, counters and errors.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from collector.decode.outer import link_layer, outer_datagram
 from collector.flows import fast
 from collector.pipeline import Pipeline
 
-BATCH_ROWS = 4096
+BATCH_ROWS = 4096  # rows of a receive slab made on its own (see _Batches for ingest's)
+SLAB_BYTES = 4 << 20  # ingest's slab per port: large batches amortise the per-batch work
 TICK_NS = 1_000_000_000  # expire flows once per second of capture time
 HEADER_SLOT = 192  # bytes of each datagram the decoder needs (GENEVE + GWLB options + headers)
 _VXLAN_NO_VNI = b"\x08\x00\x00\x00\x00\x00\x00\x00"
@@ -118,7 +125,9 @@ class _Batches:
     """
 
     def __init__(self, width: int, vni: int | None, feed: Callable[[_Slots], None],
-                 tick: Callable[[int], None], batch_rows: int = BATCH_ROWS) -> None:
+                 tick: Callable[[int], None], batch_rows: int | None = None) -> None:
+        if batch_rows is None:  # 16384 rows of 192 bytes; fewer, wider rows with --packets
+            batch_rows = max(1024, min(16384, SLAB_BYTES // width))
         self.slots = [_Slots(port, width, batch_rows) for port in PORTS]
         self.by_port = dict(zip(PORTS, self.slots))
         self.no_vni = vni is None
