@@ -96,7 +96,7 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
-flows, chunk = {flows}, 65536
+flows, chunk = {flows}, 8192
 frame = build.mirrored_frame(build.FrameSpec(tcp_flags=build.ACK)).data
 row = np.frombuffer(build.vxlan(frame, vni=1).ljust(128, b"\\0")[:128], dtype=np.uint8)
 buf = np.tile(row, (chunk, 1))

@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* ============================================================================================
  * Columns of collector.decode.batch.PacketBatch, in its field order, with their item sizes.
@@ -647,8 +648,20 @@ static uint64_t hash_words(const void *p, size_t bytes) {
 static inline uint64_t key_hash(const Key *k) { return hash_words(k, sizeof(Key)); }
 static inline uint64_t frag_hash(const FragKey *k) { return hash_words(k, sizeof(FragKey)); }
 
+/* The index and the heap grow by doubling: mapped apart from malloc's heap, so that the
+ * arrays they outgrow go back to the system instead of staying in the process (issue 6
+ * counts memory per flow by RSS). */
+static void *big_alloc(size_t bytes) {
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p; /* zero-filled */
+}
+
+static void big_free(void *p, size_t bytes) {
+    if (p) munmap(p, bytes);
+}
+
 static int index_init(Index *ix, size_t slots) {
-    ix->slots = calloc(slots, sizeof(uint32_t));
+    ix->slots = big_alloc(slots * sizeof(uint32_t));
     if (!ix->slots) return -1;
     ix->mask = slots - 1;
     ix->count = 0;
@@ -687,7 +700,7 @@ static int index_grow(Table *t, Index *ix, bool frag) {
     size_t slots = (ix->mask + 1) * 2;
     uint32_t *old = ix->slots;
     size_t old_n = ix->mask + 1;
-    uint32_t *fresh = calloc(slots, sizeof(uint32_t));
+    uint32_t *fresh = big_alloc(slots * sizeof(uint32_t));
     if (!fresh) return -1;
     ix->slots = fresh;
     ix->mask = slots - 1;
@@ -698,7 +711,7 @@ static int index_grow(Table *t, Index *ix, bool frag) {
         while (fresh[k]) k = (k + 1) & ix->mask;
         fresh[k] = s;
     }
-    free(old);
+    big_free(old, old_n * sizeof(uint32_t));
     return 0;
 }
 
@@ -869,8 +882,10 @@ static int64_t flow_start(Table *t, const Key *k, uint64_t h, int64_t ts) {
     }
     if (t->heap_n >= t->heap_cap) {
         size_t cap = t->heap_cap ? t->heap_cap * 2 : 1024;
-        uint32_t *heap = realloc(t->heap, cap * sizeof(uint32_t));
+        uint32_t *heap = big_alloc(cap * sizeof(uint32_t));
         if (!heap) return -1;
+        if (t->heap_n) memcpy(heap, t->heap, t->heap_n * sizeof(uint32_t));
+        big_free(t->heap, t->heap_cap * sizeof(uint32_t));
         t->heap = heap;
         t->heap_cap = cap;
     }
@@ -1583,10 +1598,10 @@ fail:
 static void table_free_all(Table *t) {
     for (size_t i = 0; i < t->nchunks; i++) free(t->chunks[i]);
     free(t->chunks);
-    free(t->index.slots);
-    free(t->heap);
+    if (t->index.slots) big_free(t->index.slots, (t->index.mask + 1) * sizeof(uint32_t));
+    big_free(t->heap, t->heap_cap * sizeof(uint32_t));
     free(t->frags);
-    free(t->frag_index.slots);
+    if (t->frag_index.slots) big_free(t->frag_index.slots, (t->frag_index.mask + 1) * sizeof(uint32_t));
     free(t->rows);
     t->chunks = NULL;
     t->index.slots = t->frag_index.slots = NULL;
