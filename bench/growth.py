@@ -17,10 +17,10 @@ RSS (the child's own rusage, from wait4) are measured, and its summary line is c
 packets read and decoded, F flow rows written. A first row ingests a one-packet capture: the
 fixed cost (interpreter, imports, Parquet writer) that every other row includes.
 
-The table: packets, flows, wall seconds (median of R), packets/s, µs per packet above the
-one-packet baseline, peak RSS, and RSS above the baseline per active flow. Linear cost in
-packets shows as a constant µs/packet down a column of equal F; bounded cost per flow as a
-bytes/flow that does not grow with F.
+The table: packets, flows, wall seconds (median of R), packets/s, the ingest's own timer, CPU
+seconds (user + system) and CPU µs per packet above the one-packet baseline, peak RSS, and RSS
+above the baseline per active flow. Linear cost in packets shows as a constant µs/packet down
+a column of equal F; bounded cost per flow as a bytes/flow that does not grow with F.
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 START = 1_795_000_000  # 2026-11-18, any fixed second
 DURATION_S = 50  # under the 60 s idle and active timeouts: every flow lives to the end
-VNIS = np.array([7159709, 7159710, 7159711, 7159712], dtype=np.int64)
+VNIS = (7159709, 7159710, 7159711, 7159712)
 IP_BYTES = 100  # inner IPv4 total length: 20 IP + 20 TCP + 60 payload
 CHUNK = 1 << 20  # records generated at once
 
@@ -57,7 +55,9 @@ _IN_IP = _VXLAN + 8 + 14
 _TCP = _IN_IP + 20
 
 
-def _template() -> np.ndarray:
+def _template():
+    import numpy as np
+
     row = np.zeros(_RECORD, dtype=np.uint8)
 
     def put(offset: int, data: bytes) -> None:
@@ -76,12 +76,12 @@ def _template() -> np.ndarray:
     return row
 
 
-def _be(values: np.ndarray, size: int) -> np.ndarray:
-    """Big-endian bytes of `values`, one row of `size` bytes each."""
-    return values.astype(f">u{size}").view(np.uint8).reshape(-1, size)
+def _be(values, size: int):
+    """Big-endian bytes of `values` (a numpy array), one row of `size` bytes each."""
+    return values.astype(f">u{size}").view("u1").reshape(-1, size)
 
 
-def _checksum(words: np.ndarray) -> np.ndarray:
+def _checksum(words):
     """IPv4 header checksums: `words` is (rows, 10) uint32 of 16-bit words, checksum zeroed."""
     total = words.sum(axis=1)
     total = (total & 0xFFFF) + (total >> 16)
@@ -91,6 +91,9 @@ def _checksum(words: np.ndarray) -> np.ndarray:
 
 def generate(path: Path, packets: int, flows: int) -> None:
     """Write the capture (see the module docstring) to `path`."""
+    import numpy as np
+
+    vnis = np.array(VNIS, dtype=np.int64)
     template = _template()
     header = (0xA1B2C3D4).to_bytes(4, "little") + bytes.fromhex("02000400") + bytes(8) \
         + (262144).to_bytes(4, "little") + (1).to_bytes(4, "little")
@@ -110,7 +113,7 @@ def generate(path: Path, packets: int, flows: int) -> None:
             outer_words = rows[:, _OUT_IP : _OUT_IP + 20].view(">u2").astype(np.uint32)
             rows[:, _OUT_IP + 10 : _OUT_IP + 12] = _be(_checksum(outer_words), 2)
             rows[:, _UDP : _UDP + 2] = _be(49152 + (flow * 2654435761 % 16384), 2)
-            rows[:, _VXLAN + 4 : _VXLAN + 7] = _be(VNIS[flow % 4], 4)[:, 1:]
+            rows[:, _VXLAN + 4 : _VXLAN + 7] = _be(vnis[flow % 4], 4)[:, 1:]
             # inner: the flow's client 10.x.y.z:port <-> a server 172.16.s.1:443
             client = (10 << 24) + 1 + flow
             server = (172 << 24) + (16 << 16) + ((flow % 200) << 8) + 1
@@ -129,18 +132,21 @@ def generate(path: Path, packets: int, flows: int) -> None:
 
 
 def capture(cache: Path, packets: int, flows: int) -> Path:
+    """The capture for (packets, flows), generated in a child process: this one stays small,
+    because a child forked from it would count this process's pages in its peak RSS."""
     path = cache / f"growth-n{packets}-f{flows}.pcap"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        generate(path, packets, flows)
+        subprocess.run([sys.executable, __file__, "--generate", str(path), str(packets),
+                        str(flows)], check=True)
         print(f"  generated {path.name} ({path.stat().st_size / 2**20:,.0f} MiB) in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
     return path
 
 
-def run_ingest(path: Path, data: Path, env: dict) -> tuple[float, float, str]:
-    """One `collector ingest` process: (wall s, peak RSS MiB, its summary line)."""
+def run_ingest(path: Path, data: Path, env: dict) -> tuple[float, float, float, str]:
+    """One `collector ingest` process: (wall s, CPU s, peak RSS MiB, its summary line)."""
     cmd = [sys.executable, "-m", "collector", "ingest", str(path), "--data", str(data),
            "--collector-id", "growth"]
     with tempfile.TemporaryFile() as err:
@@ -153,7 +159,8 @@ def run_ingest(path: Path, data: Path, env: dict) -> tuple[float, float, str]:
         stderr = err.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"FAILED: {' '.join(cmd)}\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss / 1024, stderr.strip().splitlines()[-1]
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, usage.ru_maxrss / 1024, stderr.strip().splitlines()[-1]
 
 
 def check(summary: str, packets: int, flows: int) -> float:
@@ -169,11 +176,14 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
                   if line.startswith("model name")), platform.processor() or "?")
-    return (f"cpu: {model}, {os.cpu_count()} cores; python {platform.python_version()}, "
-            f"numpy {np.__version__}; load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    return (f"cpu: {model}, {os.cpu_count()} cores; python {platform.python_version()}; "
+            "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--generate"]:  # the child process of capture()
+        generate(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 
     def counts(text: str) -> list[int]:
@@ -202,35 +212,38 @@ def main() -> None:
         cells = [(1, 1)] + [(n, f) for n in args.packets for f in args.flows if f <= n]
         for packets, flows in cells:
             path = capture(args.cache, packets, flows)
-            walls, rss, own = [], [], []
+            walls, cpus, rss, own = [], [], [], []
             for run in range(args.runs):
                 data = tmp / f"data-{packets}-{flows}-{run}"
-                wall, peak, summary = run_ingest(path, data, env)
+                wall, cpu, peak, summary = run_ingest(path, data, env)
                 own.append(check(summary, packets, flows))
                 walls.append(wall)
+                cpus.append(cpu)
                 rss.append(peak)
                 shutil.rmtree(data)
             if not args.keep_captures and (packets, flows) != (1, 1):
                 path.unlink()
             row = (packets, flows, statistics.median(walls), statistics.median(own),
-                   statistics.median(rss))
+                   statistics.median(rss), statistics.median(cpus))
             rows.append(row)
             print(f"  {packets:>10,} packets {flows:>9,} flows: {row[2]:7.2f} s "
-                  f"({packets / row[2]:>10,.0f} packets/s), peak RSS {row[4]:6.0f} MiB",
+                  f"({packets / row[2]:>10,.0f} packets/s), CPU {row[5]:7.2f} s, "
+                  f"peak RSS {row[4]:6.0f} MiB",
                   flush=True)
 
-    base_wall, base_rss = rows[0][2], rows[0][4]
-    print(f"\nbaseline (1 packet, 1 flow): {base_wall:.2f} s, {base_rss:.0f} MiB: interpreter, "
-          "imports, Parquet writer; included in every row")
+    base_wall, base_rss, base_cpu = rows[0][2], rows[0][4], rows[0][5]
+    print(f"\nbaseline (1 packet, 1 flow): {base_wall:.2f} s wall, {base_cpu:.2f} s CPU, "
+          f"{base_rss:.0f} MiB: interpreter, imports, Parquet writer; in every row")
     print(f"{'packets':>11s} {'flows':>9s} {'wall s':>7s} {'packets/s':>10s} {'own s':>6s} "
-          f"{'us/packet':>9s} {'peak RSS MiB':>12s} {'B/flow':>7s}")
-    for packets, flows, wall, own, rss in rows[1:]:
-        per_packet = (wall - base_wall) / packets * 1e6
+          f"{'CPU s':>6s} {'CPU us/pkt':>10s} {'peak RSS MiB':>12s} {'B/flow':>7s}")
+    for packets, flows, wall, own, rss, cpu in rows[1:]:
+        per_packet = (cpu - base_cpu) / packets * 1e6
         per_flow = (rss - base_rss) * 2**20 / flows
         print(f"{packets:>11,} {flows:>9,} {wall:7.2f} {packets / wall:>10,.0f} {own:6.2f} "
-              f"{per_packet:9.2f} {rss:12.0f} {per_flow:7.0f}")
-    print("us/packet: (wall - baseline wall) / packets; B/flow: (peak RSS - baseline RSS) / flows, "
-          "an upper bound (it includes the batches and Arrow buffers)")
+              f"{cpu:6.2f} {per_packet:10.3f} {rss:12.0f} {per_flow:7.0f}")
+    print("own s: the ingest's own timer (no interpreter start or imports); CPU us/pkt: (CPU - "
+          "baseline CPU) / packets, steadier than wall time on a busy machine; B/flow: (peak "
+          "RSS - baseline RSS) / flows, an upper bound (it includes batches, Arrow buffers)")
     print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
