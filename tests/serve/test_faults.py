@@ -7,11 +7,12 @@ What a SIGKILL loses, by design: what the killed process held in memory. A datag
 at t is in a flow of the flow table until its flow is exported, at most `active_timeout` later
 (sooner when the flow goes idle: last packet + `idle_timeout`); the exported row then waits at
 most `flush_seconds` (checked every POLL_MS) in the writer. So a kill loses at most the
-datagrams received in the last `active_timeout + flush_seconds + POLL_MS` before it, plus what
-sat in the killed socket's receive queue, plus what arrived while no socket listened (the
-restart). The kill tests send at a steady rate, kill at a random moment, and check both the
-total loss against `rate x (that window + the restart gap)` and that every datagram lost was
-sent inside that window. Figures: docs/robustness.md, Faults.
+datagrams received in the last `active_timeout + flush_seconds + POLL_MS` before it. A killed
+worker loses nothing more (the supervisor holds its sockets: the kernel queues for its
+replacement); a killed service also loses what sat in its receive queues and what arrives
+until the restarted service has bound its sockets. The kill tests send at a steady rate, kill
+at a random moment, and check both the total loss against `rate x (that window [+ the restart
+gap])` and that every datagram lost was sent inside that window. Figures: docs/robustness.md, Faults.
 
 Tests that mount a tmpfs need root (they skip cleanly elsewhere); the clock test needs
 libfaketime (apt: faketime; it skips without it).
@@ -35,7 +36,7 @@ import pytest
 from collector import build
 from collector.query import connect
 from collector.serve.worker import POLL_MS
-from collector.testing import CollectorServer, CollectorServerError
+from collector.testing import CollectorServer
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_SESSIONS = REPO / "fixtures" / "sessions" / "seed.json"
@@ -238,6 +239,34 @@ def test_sigkill_of_the_worker_mid_write_loses_only_what_it_held(tmp_path):
     measure_loss(server.data_dir, sender, killed_at, back_at, gap_loses=False)
 
 
+@pytest.mark.skipif(not os.environ.get("COLLECTOR_LONG_FAULTS"),
+                    reason="2 minutes: set COLLECTOR_LONG_FAULTS=1")
+def test_sigkill_loss_with_the_default_timeouts(tmp_path):
+    """The same measurement with serve's defaults (idle 60 s, active 60 s, flush 10 s), 200
+    datagrams/s, the kill 90 s in: the loss is the last ~70 s of traffic."""
+    saved = dict(RATE=RATE, FLUSH=FLUSH, TIMEOUTS=TIMEOUTS)  # `window` reads them
+    globals().update(RATE=200.0, FLUSH=10.0, TIMEOUTS=dict(idle_timeout=60, active_timeout=60))
+    try:
+        server = CollectorServer(tmp_path, workers=1, flush_seconds=10, idle_timeout=60,
+                                 active_timeout=60).start()
+        try:
+            sender = PacedSender(server.vxlan[1], 200 * 110, 200.0)
+            sender.start()
+            time.sleep(90)
+            (pid,) = worker_pids(server)
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_health(server, 200, timeout=60)
+            sender.join()
+            server.wait_received(0)
+            assert server.stop() == 0
+        finally:
+            server.kill()
+        measure_loss(server.data_dir, sender, killed_at, time.monotonic(), gap_loses=False)
+    finally:
+        globals().update(saved)
+
+
 def test_sigkill_of_the_whole_service_then_restart_on_the_same_data(tmp_path):
     """SIGKILL of the supervisor and its workers at once (what a crash of the unit and
     KillMode=mixed amount to); a new `collector serve` on the same data directory and ports
@@ -396,9 +425,7 @@ def test_past_max_pending_bytes_rows_are_dropped_counted_and_logged(tmpfs):
         exported = metrics.value("collector_flows_exported_total")
         assert written + dropped == exported == 1000, (written, dropped, exported)
         assert sum(1 for _ in stored_per_flow(server.data_dir)) == written
-        server.stop()
-    except CollectorServerError:
-        raise
+        assert server.stop() == 0  # the drops are counted and logged, not an exit status
     finally:
         server.kill()
     assert "rows dropped so far" in server.log() and "rows were dropped in all" in server.log()

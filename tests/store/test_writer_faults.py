@@ -7,7 +7,6 @@ The tmpfs tests mount a small tmpfs (root only) and skip cleanly where mounting 
 """
 
 import errno
-import os
 import random
 import shutil
 import signal
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 import datetime as dt
 from pathlib import Path
 
