@@ -867,8 +867,13 @@ def main() -> None:
     if not (0 < args.hold <= 120 and 0 < args.confirm <= 120):
         parser.error("--hold and --confirm must be in (0, 120] seconds")
     began = time.monotonic()
-    for line in machine_info():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import ensure_gcc, machine_info as common_info
+
+    for line in machine_info() + common_info()[1:]:  # + the load and compiled extensions
         print(line)
+    if ensure_gcc() is None:
+        sys.exit("gcc is needed to build the C senders and receiver")
 
     started = time.perf_counter()
     datagrams = make_datagrams()
