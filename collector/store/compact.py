@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -333,6 +334,13 @@ def _copy(location: Location, source: str, target: str) -> None:
             os.link(source, target)
         except FileExistsError:
             pass
+        except OSError:  # a filesystem without hard links: a copy, appearing whole
+            directory, _, name = target.rpartition("/")
+            temporary = f"{directory}/.{name}.tmp"
+            shutil.copyfile(source, temporary)
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
     else:
         location.filesystem.copy_file(source, target)
 

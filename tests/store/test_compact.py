@@ -372,3 +372,16 @@ def test_an_unreachable_store_is_one_line_not_a_traceback(monkeypatch):
     result = CliRunner().invoke(main, ["compact", "--data", "s3://bucket-x/prefix"])
     assert result.exit_code == 1, result.output
     assert result.output.startswith("Error: s3://bucket-x/prefix: ") and "later run" in result.output
+
+
+def test_without_hard_links_publication_copies(templates, tmp_path, monkeypatch):
+    templates.copy(tmp_path, hours=1)
+    before = results(connect(tmp_path))
+
+    def no_links(source, target):
+        raise PermissionError("hard links not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    compact(tmp_path, tables=["flows"], settings=Settings(grace=0), now=NOW)
+    assert [Path(f).name.startswith("compact~") for f in data_files(tmp_path)] == [True]
+    assert results(connect(tmp_path)) == before
