@@ -84,6 +84,7 @@ typedef struct {
     long long records, mirror_datagrams, plain_packets, skipped;
     /* the last stop */
     int full_port;
+    int busy;  /* run() is walking with the GIL released: close() must wait */
     int failed;
     Py_ssize_t error_offset;
     char error[320];
@@ -414,7 +415,11 @@ static const char *block_what(uint32_t type, long long index, char *out, size_t 
 static int timestamp_ns(const Interface *iface, uint64_t raw, long long *out) {
     unsigned __int128 scaled = (unsigned __int128)raw * (unsigned __int128)NS_PER_S, q;
     int e = iface->ts_exponent;
-    if (iface->ts_base == 2) {
+    static const long long down[10] = {1000000000, 100000000, 10000000, 1000000, 100000, 10000,
+                                       1000, 100, 10, 1};
+    if (iface->ts_base == 10 && e <= 9) {
+        q = (unsigned __int128)raw * down[e]; /* the common units: no 128-bit division */
+    } else if (iface->ts_base == 2) {
         q = e >= 128 ? 0 : scaled >> e;
     } else if (e > 38) {
         q = 0; /* 10**39 > 2**94 > scaled */
@@ -611,6 +616,11 @@ static int Walker_init(Walker *w, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOy*p", kwlist, &data, &slots, &header,
                                      &no_vni))
         return -1;
+    if (w->busy) {
+        PyBuffer_Release(&header);
+        PyErr_SetString(PyExc_RuntimeError, "walker is running in another thread");
+        return -1;
+    }
     release_views(w);
     if (header.len != 8) {
         PyBuffer_Release(&header);
@@ -681,6 +691,10 @@ static PyObject *Walker_run(Walker *w, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "walker is closed");
         return NULL;
     }
+    if (w->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "walker is running in another thread");
+        return NULL;
+    }
     if (w->failed) return PyLong_FromLong(ST_ERROR);
     for (int p = 0; p < PORTS; p++) {
         if (w->rows[p] < 0 || w->rows[p] >= w->batch_rows) {
@@ -710,14 +724,20 @@ static PyObject *Walker_run(Walker *w, PyObject *args) {
             if (pcap_header(w) == ST_ERROR) return PyLong_FromLong(ST_ERROR);
         }
     }
+    w->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     status = w->format == FMT_PCAP ? pcap_walk(w, until) : pcapng_walk(w, until);
     Py_END_ALLOW_THREADS
+    w->busy = 0;
     if (status == -2) return PyErr_NoMemory();
     return PyLong_FromLong(status);
 }
 
 static PyObject *Walker_close(Walker *w, PyObject *Py_UNUSED(ignored)) {
+    if (w->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "walker is running in another thread");
+        return NULL;
+    }
     release_views(w);
     Py_RETURN_NONE;
 }

@@ -204,7 +204,7 @@ def _walk_compiled(fast, path, batches: _Batches, result: IngestResult,
         except (OSError, ValueError):
             return None
     try:
-        _advise(data, mmap.MADV_SEQUENTIAL)
+        _advise(data, "MADV_SEQUENTIAL")
         walker = fast.Walker(data, tuple((s.buf, s.lengths, s.present, s.ts, s.no_vni)
                                          for s in batches.slots),
                              batches.vxlan_header, batches.no_vni)
@@ -249,7 +249,7 @@ def _run_walker(walker, name: str, data: mmap.mmap, batches: _Batches,
                 # Pages of the file already walked leave this process (they stay in the page
                 # cache): resident memory stays bounded whatever the file's size.
                 upto = (offset - _RELEASE_BYTES) // mmap.PAGESIZE * mmap.PAGESIZE
-                _advise(data, mmap.MADV_DONTNEED, released, upto - released)
+                _advise(data, "MADV_DONTNEED", released, upto - released)
                 released = upto
             if status == DONE:
                 return last_offset
@@ -262,11 +262,15 @@ def _run_walker(walker, name: str, data: mmap.mmap, batches: _Batches,
         batches.clock, batches.next_tick = walker.clock, walker.next_tick
 
 
-def _advise(data: mmap.mmap, *args) -> None:
-    """mmap.madvise where the platform has it: a hint, never needed for correctness."""
+def _advise(data: mmap.mmap, advice: str, *where: int) -> None:
+    """mmap.madvise(mmap.<advice>, ...) where the platform has both: a hint, never needed for
+    correctness."""
+    option = getattr(mmap, advice, None)
+    if option is None or not hasattr(data, "madvise"):
+        return
     try:
-        data.madvise(*args)
-    except (AttributeError, OSError, ValueError):
+        data.madvise(option, *where)
+    except OSError:
         pass
 
 
