@@ -193,7 +193,12 @@ def _walk_compiled(fast, path, batches: _Batches, result: IngestResult,
                    progress: Callable[[int], None] | None, *,
                    pause_bytes: int = _PAUSE_BYTES) -> int | None:
     """The same walk by `collector._fastcapture` over the file mapped in memory; None (and
-    nothing done) when the file cannot be mapped: empty, or not a regular file (a pipe)."""
+    nothing done) when the file cannot be mapped: empty, or not a regular file (a pipe).
+
+    A file that another process truncates while it is mapped ends the process with SIGBUS
+    when the walk reaches the missing pages (a file that grows is read up to its size when
+    mapped): ingest a capture that is still being rotated or rewritten from a copy, or with
+    COLLECTOR_PURE_PYTHON=1."""
     # Decided before opening: a pipe can be opened (and read) only once.
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
