@@ -1352,9 +1352,32 @@ static int text_put(Text *x, const char *s, size_t n) {
 
 /* str(ipaddress.ip_address(addr)) as Python 3.11 writes it; IPv4-mapped IPv6 addresses,
  * which newer Pythons write differently, are redone by fast.py */
+static size_t put_decimal(char *out, unsigned v) { /* 0..255 */
+    size_t n = 0;
+    if (v >= 100) out[n++] = (char)('0' + v / 100);
+    if (v >= 10) out[n++] = (char)('0' + v / 10 % 10);
+    out[n++] = (char)('0' + v % 10);
+    return n;
+}
+
+static size_t put_hex(char *out, unsigned v) { /* 0..0xffff, no leading zeros */
+    static const char digits[] = "0123456789abcdef";
+    size_t n = 0;
+    for (int shift = 12; shift > 0; shift -= 4)
+        if (v >> shift) out[n++] = digits[(v >> shift) & 15];
+    out[n++] = digits[v & 15];
+    return n;
+}
+
 static size_t ip_text(char *out, const uint8_t a[16], int version) {
-    if (version == 4)
-        return (size_t)sprintf(out, "%u.%u.%u.%u", a[12], a[13], a[14], a[15]);
+    if (version == 4) {
+        size_t n = 0;
+        for (int i = 12; i < 16; i++) {
+            n += put_decimal(out + n, a[i]);
+            if (i < 15) out[n++] = '.';
+        }
+        return n;
+    }
     unsigned h[8];
     for (int i = 0; i < 8; i++) h[i] = ((unsigned)a[2 * i] << 8) | a[2 * i + 1];
     int best = -1, best_len = 0, run = -1, run_len = 0;
@@ -1372,11 +1395,12 @@ static size_t ip_text(char *out, const uint8_t a[16], int version) {
     size_t n = 0;
     for (int i = 0; i < 8; i++) {
         if (i == best) {
-            n += (size_t)sprintf(out + n, i == 0 ? "::" : ":");
+            out[n++] = ':';
+            if (i == 0) out[n++] = ':';
             i += best_len - 1;
             continue;
         }
-        n += (size_t)sprintf(out + n, "%x", h[i]);
+        n += put_hex(out + n, h[i]);
         if (i < 7) out[n++] = ':';
     }
     return n;
