@@ -32,13 +32,14 @@ from collector.decode.batch import decode_batch as reference_decode_batch
 from collector.decode.datagram import GENEVE_PORT, VXLAN_GPE_PORT, VXLAN_PORT
 from collector.flows.table import END_REASONS, NS, EndedFlow, FlowConfig
 from collector.sessions import SessionRegistry
+from collector.store import arrow
 from collector.store.schema import FLOWS, PACKETS
 
 _COLUMNS = tuple(spec.name for spec in fields(PacketBatch))
 _DTYPE_OF = tuple(np.dtype(_DTYPES[name]) for name in _COLUMNS)
 _PORTS = (VXLAN_PORT, VXLAN_GPE_PORT, GENEVE_PORT)
 _REASON_CODE = {reason: code for code, reason in enumerate(END_REASONS)}
-_END_REASON_TEXT = pa.array(END_REASONS, type=pa.string())
+_END_REASON_TEXT = arrow.strings(END_REASONS)
 
 
 def _load():
@@ -116,7 +117,7 @@ def _address_texts(raw: np.ndarray, version: np.ndarray, valid: np.ndarray) -> p
         values = text.to_pylist()
         for i in np.flatnonzero(mapped).tolist():
             values[i] = str(ipaddress.ip_address(raw[i].tobytes()))
-        text = pa.array(values, type=pa.string())
+        text = arrow.strings(values)
     return text
 
 
@@ -128,13 +129,12 @@ def _sessions(vni: np.ndarray, registry: SessionRegistry | None) -> tuple[pa.Arr
         session = registry.lookup(value) if registry and value >= 0 else None
         session_ids.append(session.session_id if session else None)
         interfaces.append(session.network_interface_id if session else None)
-    where = pa.array(where.astype(np.int32))
-    return (pa.array(session_ids, type=pa.string()).take(where),
-            pa.array(interfaces, type=pa.string()).take(where))
+    where = arrow.numeric(where.astype(np.int32))
+    return arrow.strings(session_ids).take(where), arrow.strings(interfaces).take(where)
 
 
 def _optional(values: np.ndarray) -> pa.Array:
-    return pa.array(values, mask=values < 0)
+    return arrow.numeric(values, values < 0)
 
 
 def packets_record_batch(batch: PacketBatch, rows: np.ndarray, ts_ns: np.ndarray, buf, lengths,
@@ -146,7 +146,8 @@ def packets_record_batch(batch: PacketBatch, rows: np.ndarray, ts_ns: np.ndarray
     the reference path then."""
     n = len(rows)
     if buf is None:
-        frames = pa.array([b""] * n, type=pa.binary())
+        frames = pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(
+            np.zeros(n + 1, dtype=np.int32)), pa.py_buffer(b"")])
     else:
         length = np.asarray(lengths, dtype=np.int64)[rows]
         start = length - batch.captured_len[rows]  # where the frame begins
@@ -171,10 +172,10 @@ def packets_record_batch(batch: PacketBatch, rows: np.ndarray, ts_ns: np.ndarray
     session_ids, _ = _sessions(vni, registry)
     return pa.RecordBatch.from_arrays(
         [
-            pa.array(ts_ns[rows] // 1000, type=pa.int64()).cast(PACKETS.field("ts").type),
+            arrow.numeric(np.asarray(ts_ns[rows] // 1000, dtype=np.int64)).cast(PACKETS.field("ts").type),
             _optional(vni),
             session_ids,
-            pa.array([collector_id], type=pa.string()).take(pa.array(np.zeros(n, np.int32))),
+            arrow.repeated(collector_id, n),
             _optional(version),
             _optional(batch.ip_proto[rows]),
             addresses[0],
@@ -182,8 +183,8 @@ def packets_record_batch(batch: PacketBatch, rows: np.ndarray, ts_ns: np.ndarray
             _optional(batch.src_port[rows]),
             _optional(batch.dst_port[rows]),
             _optional(batch.wire_len[rows]),
-            pa.array(batch.captured_len[rows]),
-            pa.array(batch.truncated[rows]),
+            arrow.numeric(batch.captured_len[rows]),
+            arrow.numeric(batch.truncated[rows]),
             _optional(batch.tcp_flags[rows]),
             frames,
         ],
@@ -234,7 +235,7 @@ class EndedFlows:
             values = text.to_pylist()
             for i in np.flatnonzero(mapped).tolist():
                 values[i] = str(ipaddress.ip_address(raw[i].tobytes()))
-            text = pa.array(values, type=pa.string())
+            text = arrow.strings(values)
         return text
 
     _optional = staticmethod(_optional)
@@ -248,7 +249,7 @@ class EndedFlows:
             self._optional(self.vni),
             session_ids,
             interfaces,
-            pa.array([collector_id], type=pa.string()).take(pa.array(np.zeros(n, np.int32))),
+            arrow.repeated(collector_id, n),
             self._optional(self.vlan),
             self._optional(self.inner),
             self._optional(self.ethertype),
@@ -258,19 +259,19 @@ class EndedFlows:
             self._addr_text(1),
             self._optional(self.sport),
             self._optional(self.dport),
-            pa.array(self.first_us).view(timestamp),
-            pa.array(self.last_us).view(timestamp),
-            pa.array(self.packets),
-            pa.array(self.bytes),
-            pa.array(self.rev_packets),
-            pa.array(self.rev_bytes),
-            pa.array(self.captured),
-            pa.array(self.rev_captured),
-            pa.array(self.truncated),
-            pa.array(self.rev_truncated),
-            pa.array(self.flags),
-            pa.array(self.rev_flags),
-            _END_REASON_TEXT.take(pa.array(self.reason)),
+            arrow.numeric(self.first_us).view(timestamp),
+            arrow.numeric(self.last_us).view(timestamp),
+            arrow.numeric(self.packets),
+            arrow.numeric(self.bytes),
+            arrow.numeric(self.rev_packets),
+            arrow.numeric(self.rev_bytes),
+            arrow.numeric(self.captured),
+            arrow.numeric(self.rev_captured),
+            arrow.numeric(self.truncated),
+            arrow.numeric(self.rev_truncated),
+            arrow.numeric(self.flags),
+            arrow.numeric(self.rev_flags),
+            _END_REASON_TEXT.take(arrow.numeric(self.reason)),
             self._strings(2, self.cid_ok),
         ]
         return pa.RecordBatch.from_arrays(columns, schema=FLOWS)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from collector.store import arrow
 from collector.store.schema import TABLES
 
 PARTITION_COLUMN = {"flows": "first_seen", "packets": "ts", "sessions": "loaded_at"}
@@ -267,11 +267,10 @@ def remove_stale_temporaries(root: str | os.PathLike, collector_id: str,
 
 def _partitions(table: pa.Table, column: str):
     """(date, hour) -> rows, by the UTC hour of `column` (NULL times go to 1970-01-01/00)."""
-    micros = pc.cast(table[column], pa.int64()).to_numpy(zero_copy_only=False)
-    micros = np.nan_to_num(micros, nan=0).astype(np.int64) if micros.dtype.kind == "f" else micros
+    micros = arrow.int64_values(table[column], null=0)
     hours = micros // 3_600_000_000
     for hour in np.unique(hours):
         rows = np.flatnonzero(hours == hour)
         stamp = np.datetime64(int(hour), "h")
         date, hh = str(stamp.astype("datetime64[D]")), f"{int(hour) % 24:02d}"
-        yield (date, hh), table.take(pa.array(rows))
+        yield (date, hh), table.take(arrow.numeric(rows))
