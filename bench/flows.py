@@ -66,7 +66,7 @@ QUERIES = {
         FROM flows GROUP BY session_id ORDER BY session_id""",
 }
 SEED = 20261126
-GENERATOR = 1  # bump when the generated rows change: it keys the cache
+GENERATOR = 2  # bump when the generated rows or their files change: it keys the cache
 
 
 # -- 1 and 2: an ingest's memory and files ------------------------------------------------------
