@@ -44,13 +44,17 @@ def inet_extension_path() -> Path | None:
 
 
 def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:",
-            sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+            sandbox: bool = True, settings: dict | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection over the dataset in `data_dir` (which may be empty or absent), or
-    in an object store: `s3://bucket/prefix` (collector/query/remote.py)."""
+    in an object store: `s3://bucket/prefix` (collector/query/remote.py).
+
+    The connection is confined to the dataset (`lock`) unless `sandbox` is false; DuckDB
+    `settings` ({"TimeZone": "UTC", "threads": 2}) are applied before the lock, which
+    refuses any SET after it."""
     if isinstance(data_dir, str) and data_dir.startswith("s3://"):
         from collector.query import remote
 
-        return remote.connect(data_dir, database=database, sandbox=sandbox)
+        return remote.connect(data_dir, database=database, sandbox=sandbox, settings=settings)
     root = Path(data_dir)
     con = duckdb.connect(database)
     extension = inet_extension_path()
@@ -66,13 +70,24 @@ def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:",
                         side_effects=True)
     for table, schema in TABLES.items():
         con.execute(f"CREATE OR REPLACE VIEW {table} AS {_table_source(con, root, table, schema)}")
+    finish(con, root, has_inet=has_inet, sandbox=sandbox, settings=settings)
+    return con
+
+
+def finish(con: duckdb.DuckDBPyConnection, allowed: str | os.PathLike, *, has_inet: bool,
+           sandbox: bool, settings: dict | None) -> None:
+    """The steps after the table views, for a local or a remote dataset: the derived views,
+    the in_cidr macro, the caller's settings, then the lock (last: it freezes the rest)."""
     con.execute(_CONVERSATIONS)
     con.execute(_VPC_FLOW_LOGS)
     if has_inet:
         con.execute("CREATE OR REPLACE MACRO in_cidr(addr, cidr) AS addr::INET <<= cidr::INET")
+    for name, value in (settings or {}).items():
+        if not str(name).replace("_", "").isalnum():
+            raise QueryError(f"not a DuckDB setting name: {name!r}")
+        con.execute(f"SET {name} = ?", [value])
     if sandbox:
-        lock(con, root)
-    return con
+        lock(con, allowed)
 
 
 def lock(con: duckdb.DuckDBPyConnection, *allowed: str | os.PathLike) -> None:

@@ -74,7 +74,7 @@ def prepare(con: duckdb.DuckDBPyConnection, env: dict | None = None) -> None:
 
 
 def connect(url: str, *, database: str = ":memory:", env: dict | None = None,
-            sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+            sandbox: bool = True, settings: dict | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection over the dataset at `url` (s3://bucket/prefix), with the views of
     a local dataset; confined to the prefix (`collector.query.lock`) unless not `sandbox`."""
     from collector import query
@@ -98,13 +98,7 @@ def connect(url: str, *, database: str = ":memory:", env: dict | None = None,
         else:
             source = _empty(con, table, schema)
         con.execute(f"CREATE OR REPLACE VIEW {table} AS {source}")
-    con.execute(query._CONVERSATIONS)
-    con.execute(query._VPC_FLOW_LOGS)
-    if has_inet:
-        con.execute("CREATE OR REPLACE MACRO in_cidr(addr, cidr) AS addr::INET <<= cidr::INET")
-    lock = getattr(query, "lock", None)  # the local sandbox, where this version has it
-    if sandbox and lock is not None:
-        lock(con, str(store) + "/")
+    query.finish(con, str(store) + "/", has_inet=has_inet, sandbox=sandbox, settings=settings)
     return con
 
 

@@ -127,3 +127,17 @@ def test_collector_query_command_refuses_reading_files(dataset):
     assert proc.returncode != 0
     assert SECRET_FILE_TEXT not in proc.stdout + proc.stderr
     assert "Permission" in proc.stderr or "disabled" in proc.stderr, proc.stderr
+
+
+def test_settings_are_applied_before_the_lock(dataset):
+    con = connect(dataset / "data", settings={"TimeZone": "UTC", "threads": 1})
+    assert con.execute("SELECT current_setting('TimeZone'), current_setting('threads')").fetchone() == ("UTC", 1)
+    with pytest.raises(duckdb.Error):
+        con.execute("SET TimeZone = 'Europe/Paris'")
+
+
+def test_a_setting_name_must_be_a_name(dataset):
+    from collector.query import QueryError
+
+    with pytest.raises(QueryError, match="setting name"):
+        connect(dataset / "data", settings={"threads = 1; ATTACH 'x'; SET x": 1})
