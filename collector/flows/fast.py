@@ -110,15 +110,20 @@ def _address_texts(raw: np.ndarray, version: np.ndarray, valid: np.ndarray) -> p
     version = np.ascontiguousarray(version, dtype=np.int8)
     offsets, data = _ext.ip_texts(np.ascontiguousarray(raw).tobytes(), version.tobytes(),
                                   valid.view(np.uint8).tobytes())
-    text = _texts(offsets, data, valid)
-    # IPv4-mapped IPv6 addresses: Python's own text (it changed in 3.13)
+    return _python_mapped_texts(_texts(offsets, data, valid), raw, version, valid)
+
+
+def _python_mapped_texts(text: pa.Array, raw: np.ndarray, version: np.ndarray,
+                         valid: np.ndarray) -> pa.Array:
+    """`text` with IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) written as Python writes them:
+    the reference path uses str(ipaddress.ip_address(...)), whose form changed in 3.13."""
     mapped = valid & (version == 6) & ~raw[:, :10].any(axis=1) & (raw[:, 10] == 255) & (raw[:, 11] == 255)
-    if mapped.any():
-        values = text.to_pylist()
-        for i in np.flatnonzero(mapped).tolist():
-            values[i] = str(ipaddress.ip_address(raw[i].tobytes()))
-        text = arrow.strings(values)
-    return text
+    if not mapped.any():
+        return text
+    values = text.to_pylist()
+    for i in np.flatnonzero(mapped).tolist():
+        values[i] = str(ipaddress.ip_address(raw[i].tobytes()))
+    return arrow.strings(values)
 
 
 def _sessions(vni: np.ndarray, registry: SessionRegistry | None) -> tuple[pa.Array, pa.Array]:
@@ -226,17 +231,8 @@ class EndedFlows:
 
     def _addr_text(self, which: int) -> pa.Array:
         valid = self.src_ok if which == 0 else self.dst_ok
-        text = self._strings(which, valid)
-        # IPv4-mapped IPv6 addresses: Python's own text (it changed in 3.13)
         raw = self.src if which == 0 else self.dst
-        mapped = valid & (self.version == 6) & ~raw[:, :10].any(axis=1) & (raw[:, 10] == 255) & (
-            raw[:, 11] == 255)
-        if mapped.any():
-            values = text.to_pylist()
-            for i in np.flatnonzero(mapped).tolist():
-                values[i] = str(ipaddress.ip_address(raw[i].tobytes()))
-            text = arrow.strings(values)
-        return text
+        return _python_mapped_texts(self._strings(which, valid), raw, self.version, valid)
 
     _optional = staticmethod(_optional)
 
