@@ -287,4 +287,9 @@ def _partitions(table: pa.Table, column: str):
         rows = np.flatnonzero(hours == hour)
         stamp = np.datetime64(int(hour), "h")
         date, hh = str(stamp.astype("datetime64[D]")), f"{int(hour) % 24:02d}"
-        yield (date, hh), table.take(arrow.numeric(rows))
+        if rows[-1] - rows[0] + 1 == len(rows):
+            # one run of rows (the usual case: a flush within one hour, or rows in time
+            # order): a zero-copy slice, where a take copies every column (1 s at 10^6 rows)
+            yield (date, hh), table.slice(int(rows[0]), len(rows))
+        else:
+            yield (date, hh), table.take(arrow.numeric(rows))
