@@ -4,6 +4,7 @@ and where it came from."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 import os
 import socket
 from pathlib import Path
@@ -394,3 +395,17 @@ def test_a_bad_lower_layer_is_refused_even_when_overridden(tmp_path):
     checked, so a bad file does not lie in wait for the day the flag is dropped)."""
     path = toml(tmp_path, "workers = 0\n")
     assert refused(path, flags={"workers": "2"}).startswith(f"{path}: workers: ")
+
+
+def test_the_sample_config_lists_every_setting():
+    """Every setting appears in deploy/collector.toml (set, or commented out with its
+    meaning), so that the file stays the reference an operator reads."""
+    if not SAMPLE.is_file():
+        pytest.skip(f"{SAMPLE} is not in this checkout")
+    text = SAMPLE.read_text()
+    listed = {line.lstrip("#").split("=")[0].strip() for line in text.splitlines()
+              if "=" in line and not line.lstrip("#").startswith(" ")}
+    for spec in fields(ServeConfig):
+        if spec.metadata.get("derived") or spec.name == "control":  # control: tests and tools only
+            continue
+        assert spec.name in listed, f"{spec.name} is not in {SAMPLE.name}"
