@@ -17,6 +17,7 @@ says the same without the cast.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -32,15 +33,21 @@ class QueryError(ValueError):
     """A SQL statement DuckDB refused, with its one-line message."""
 
 
-def inet_extension_path() -> Path | None:
-    """The inet extension file shipped by the wheel for this DuckDB version, if installed."""
+def wheel_extension_path(module: str, name: str) -> Path | None:
+    """The `name` extension file that the `module` wheel (duckdb_extension_inet, ...) ships
+    for this DuckDB version, if installed: extensions are never downloaded at run time."""
     try:
-        import duckdb_extension_inet
+        package = importlib.import_module(module)
     except ImportError:
         return None
-    path = (Path(duckdb_extension_inet.__file__).parent / "extensions"
-            / f"v{duckdb.__version__}" / "inet.duckdb_extension")
+    path = (Path(package.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+            / f"{name}.duckdb_extension")
     return path if path.is_file() else None
+
+
+def inet_extension_path() -> Path | None:
+    """The inet extension file shipped by the wheel for this DuckDB version, if installed."""
+    return wheel_extension_path("duckdb_extension_inet", "inet")
 
 
 def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:",
@@ -56,22 +63,37 @@ def connect(data_dir: str | os.PathLike = "data", *, database: str = ":memory:",
 
         return remote.connect(data_dir, database=database, sandbox=sandbox, settings=settings)
     root = Path(data_dir)
-    con = duckdb.connect(database)
-    extension = inet_extension_path()
-    has_inet = False
-    if extension is not None:
-        try:
-            con.execute(f"LOAD '{_quote(str(extension))}'")
-            has_inet = True
-        except duckdb.Error:
-            pass  # an extension that does not load leaves the string macro below
+    return open_views(duckdb.connect(database), root, root, sandbox=sandbox, settings=settings)
+
+
+def open_views(con: duckdb.DuckDBPyConnection, location, allowed: str | os.PathLike, *,
+               sandbox: bool, settings: dict | None) -> duckdb.DuckDBPyConnection:
+    """Make the views of the dataset at `location` (a directory, or a manifest.Location in an
+    object store, whose filesystem `con` can already read) on `con`, then `finish` it."""
+    from collector.store.manifest import ManifestCache, live_files
+
+    has_inet = _load_inet(con)
+    cache = ManifestCache()
     # The file list is made at each query, manifest-aware (compaction: collector/store/manifest.py)
-    con.create_function("collector_live_files", _live_files_of(root), ["VARCHAR"], "VARCHAR[]",
-                        side_effects=True)
+    con.create_function("collector_live_files", lambda table: live_files(location, table, cache),
+                        ["VARCHAR"], "VARCHAR[]", side_effects=True)
     for table, schema in TABLES.items():
-        con.execute(f"CREATE OR REPLACE VIEW {table} AS {_table_source(con, root, table, schema)}")
-    finish(con, root, has_inet=has_inet, sandbox=sandbox, settings=settings)
+        source = (_parquet_source(table) if live_files(location, table, cache)
+                  else _empty_source(con, table, schema))
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS {source}")
+    finish(con, allowed, has_inet=has_inet, sandbox=sandbox, settings=settings)
     return con
+
+
+def _load_inet(con: duckdb.DuckDBPyConnection) -> bool:
+    extension = inet_extension_path()
+    if extension is None:
+        return False
+    try:
+        con.execute(f"LOAD '{_quote(str(extension))}'")
+        return True
+    except duckdb.Error:
+        return False  # an extension that does not load leaves the string macro
 
 
 def finish(con: duckdb.DuckDBPyConnection, allowed: str | os.PathLike, *, has_inet: bool,
@@ -118,27 +140,20 @@ def lock(con: duckdb.DuckDBPyConnection, *allowed: str | os.PathLike) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def _live_files_of(root):
-    """The `collector_live_files(table)` SQL function over `root` (manifests cached)."""
-    from collector.store.manifest import ManifestCache, live_files
-
-    cache = ManifestCache()
-    return lambda table: live_files(root, table, cache)
-
-
 def _quote(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _table_source(con: duckdb.DuckDBPyConnection, root: Path, table: str, schema: pa.Schema) -> str:
-    directory = root / table
-    if any(directory.glob("date=*/hour=*/*.parquet")):
-        # not a glob: the live files of each partition by its manifest, listed when a query
-        # binds (so files written later are seen, and compaction never shows a row twice)
-        return (f"SELECT * FROM read_parquet(collector_live_files('{table}'), hive_partitioning = true, "
-                f"union_by_name = true, hive_types = {{'date': DATE, 'hour': INTEGER}})")
-    # No file yet: an empty relation of the right types, so queries still bind. A connection
-    # made now does not see files written later: reconnect (each `collector query` does).
+def _parquet_source(table: str) -> str:
+    # not a glob: the live files of each partition by its manifest, listed when a query binds
+    # (so files written later are seen, and compaction never shows a row twice)
+    return (f"SELECT * FROM read_parquet(collector_live_files('{table}'), hive_partitioning = true, "
+            f"union_by_name = true, hive_types = {{'date': DATE, 'hour': INTEGER}})")
+
+
+def _empty_source(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) -> str:
+    """No file yet: an empty relation of the right types, so queries still bind. A connection
+    made now does not see files written later: reconnect (each `collector query` does)."""
     empty = pa.Table.from_batches([], schema=schema.append(pa.field("date", pa.date32()))
                                   .append(pa.field("hour", pa.int32())))
     name = f"_empty_{table}"

@@ -25,13 +25,9 @@ __all__ = ["connect", "httpfs_extension_path", "s3_secret_sql"]
 
 def httpfs_extension_path() -> Path | None:
     """The httpfs extension file shipped by the wheel for this DuckDB version, if installed."""
-    try:
-        import duckdb_extension_httpfs
-    except ImportError:
-        return None
-    path = (Path(duckdb_extension_httpfs.__file__).parent / "extensions"
-            / f"v{duckdb.__version__}" / "httpfs.duckdb_extension")
-    return path if path.is_file() else None
+    from collector.query import wheel_extension_path
+
+    return wheel_extension_path("duckdb_extension_httpfs", "httpfs")
 
 
 def s3_secret_sql(settings, name: str = "collector_s3") -> str:
@@ -77,52 +73,15 @@ def connect(url: str, *, database: str = ":memory:", env: dict | None = None,
             sandbox: bool = True, settings: dict | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection over the dataset at `url` (s3://bucket/prefix), with the views of
     a local dataset; confined to the prefix (`collector.query.lock`) unless not `sandbox`."""
-    from collector import query
-    from collector.store.manifest import Location, ManifestCache, live_files
+    from collector.query import open_views
+    from collector.store.manifest import Location
     from collector.store.objectstore import StoreURL, s3_filesystem
-    from collector.store.schema import TABLES
 
     store = StoreURL.parse(url)
     con = duckdb.connect(database)
     prepare(con, env)
-    has_inet = _load_inet(con)
     location = Location(s3_filesystem(env), store.path, "s3://")
-    cache = ManifestCache()
-    con.create_function("collector_live_files", lambda table: live_files(location, table, cache),
-                        ["VARCHAR"], "VARCHAR[]", side_effects=True)
-    for table, schema in TABLES.items():
-        if live_files(location, table, cache):
-            source = (f"SELECT * FROM read_parquet(collector_live_files('{table}'), "
-                      "hive_partitioning = true, union_by_name = true, "
-                      "hive_types = {'date': DATE, 'hour': INTEGER})")
-        else:
-            source = _empty(con, table, schema)
-        con.execute(f"CREATE OR REPLACE VIEW {table} AS {source}")
-    query.finish(con, str(store) + "/", has_inet=has_inet, sandbox=sandbox, settings=settings)
-    return con
-
-
-def _load_inet(con: duckdb.DuckDBPyConnection) -> bool:
-    from collector.query import inet_extension_path
-
-    extension = inet_extension_path()
-    if extension is None:
-        return False
-    try:
-        con.execute(f"LOAD '{_quote(str(extension))}'")
-        return True
-    except duckdb.Error:
-        return False
-
-
-def _empty(con: duckdb.DuckDBPyConnection, table: str, schema) -> str:
-    """No file yet: an empty relation of the table's types (with date, hour), so queries bind."""
-    import pyarrow as pa
-
-    empty = pa.Table.from_batches([], schema=schema.append(pa.field("date", pa.date32()))
-                                  .append(pa.field("hour", pa.int32())))
-    con.register(f"_empty_{table}", empty)
-    return f"SELECT * FROM _empty_{table}"
+    return open_views(con, location, str(store) + "/", sandbox=sandbox, settings=settings)
 
 
 def _quote(text: str) -> str:
