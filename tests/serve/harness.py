@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collector import build
 from collector.decode import Malformed, decode_datagram
+from collector.testing import free_port
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[2]
@@ -43,13 +44,6 @@ class HarnessError(AssertionError):
 
 
 # -- ports -----------------------------------------------------------------------------------
-
-
-def free_port(kind: int = socket.SOCK_DGRAM, host: str = LOOPBACK) -> int:
-    """A port the kernel just gave us for `host` (bound to port 0, then released)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
