@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import platform
 import shutil
 import statistics
@@ -125,3 +126,14 @@ def sysctls(values: dict[str, str]):
 
 def ensure_gcc() -> str | None:
     return ensure_apt("gcc")
+
+
+def ip_size(rng: random.Random) -> int:
+    """An IP packet size of the benchmarks' mix: 40% small (40-100 B), 30% around 576 B,
+    30% near the 1500 B MTU."""
+    pick = rng.random()
+    if pick < 0.4:
+        return rng.randint(40, 100)
+    if pick < 0.7:
+        return rng.randint(552, 600)
+    return rng.randint(1400, 1500)

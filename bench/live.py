@@ -78,6 +78,9 @@ import collector  # noqa: E402
 from collector import build  # noqa: E402
 from tests.serve.harness import HarnessError, Server  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ip_size  # noqa: E402
+
 SEED = 20261125
 HOST = "127.0.0.1"
 DATAGRAMS, FLOWS = 16_384, 10_000
@@ -263,15 +266,6 @@ int main(int argc, char **argv) {
 
 
 # -- the datagrams ---------------------------------------------------------------------------
-
-
-def ip_size(rng: random.Random) -> int:
-    pick = rng.random()
-    if pick < 0.4:
-        return rng.randint(40, 100)
-    if pick < 0.7:
-        return rng.randint(552, 600)
-    return rng.randint(1400, 1500)
 
 
 def make_flows(count: int, rng: random.Random) -> list[tuple]:

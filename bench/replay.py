@@ -51,7 +51,7 @@ from collector.capture import read_capture  # noqa: E402
 from collector.replay.encap import Encapsulator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cache_dir, ensure_apt, print_header, sysctls  # noqa: E402
+from common import cache_dir, ensure_apt, ip_size, print_header, sysctls  # noqa: E402
 
 SEED = 20261126
 GENERATOR = 1  # bump when the generated traffic changes: it keys the cache
@@ -92,15 +92,6 @@ def write_pcap(path: Path, frames) -> None:
         for ts, frame in frames:
             f.write(struct.pack("<IIII", ts // 10**9, ts % 10**9, len(frame), len(frame)))
             f.write(frame)
-
-
-def ip_size(rng: random.Random) -> int:
-    pick = rng.random()
-    if pick < 0.4:
-        return rng.randint(40, 100)
-    if pick < 0.7:
-        return rng.randint(552, 600)
-    return rng.randint(1400, 1500)
 
 
 def flows(count: int, rng: random.Random) -> list[tuple]:
