@@ -316,4 +316,4 @@ def _feed(pipeline: Pipeline, slots: _Slots) -> None:
     batch = decode(buf, lengths, slots.port, slots.present[:rows])
     if slots.no_vni[:rows].any():
         batch.vni[slots.no_vni[:rows]] = -1  # a plain packet of a capture without --vni
-    pipeline.feed_decoded(batch, ts, buf, lengths)
+    pipeline.feed_decoded(batch, ts, buf, lengths, slots.present[:rows])

@@ -78,16 +78,16 @@ class Pipeline:
         that are the datagram's when fewer than its length (see `decode_batch`)."""
         decode = fast.decode_batch if self.compiled else decode_batch
         batch = decode(buf, lengths, port, present)
-        self.feed_decoded(batch, ts_ns, buf, lengths)
+        self.feed_decoded(batch, ts_ns, buf, lengths, present)
         return batch
 
     def feed_decoded(self, batch: PacketBatch, ts_ns, buf: np.ndarray | None = None,
-                     lengths: np.ndarray | None = None) -> None:
+                     lengths: np.ndarray | None = None, present: np.ndarray | None = None) -> None:
         ts_ns = np.asarray(ts_ns, dtype=np.int64)
         self._count(batch, lengths)
         self._emit(self.flows.add_batch(batch, ts_ns))
         if self.packet_writer is not None:
-            self._write_packets(batch, ts_ns, buf, lengths)
+            self._write_packets(batch, ts_ns, buf, lengths, present)
 
     def tick(self, now_ns: int, wall: float | None = None) -> None:
         """Expire flows against `now_ns`; flush files whose age passed `flush_seconds`
@@ -160,14 +160,17 @@ class Pipeline:
             c.session_packets[vni] += packets
             c.session_bytes[vni] += int(wire_bytes)
 
-    def _write_packets(self, batch: PacketBatch, ts_ns, buf, lengths) -> None:
+    def _write_packets(self, batch: PacketBatch, ts_ns, buf, lengths, present=None) -> None:
+        """Rows of the packets table: each frame's first `packet_bytes` bytes that were
+        received; a capture's snaplen (`present`) may have kept fewer than the datagram had,
+        and the slot's bytes past it are not the datagram's."""
         rows = np.flatnonzero(batch.reason == 0)
         if len(rows) == 0:
             return
         if self.compiled:
             rows_batch = fast.packets_record_batch(batch, rows, ts_ns, buf, lengths,
                                                    self.packet_bytes, self.registry,
-                                                   self.collector_id)
+                                                   self.collector_id, present)
             if rows_batch is not None:
                 self.packet_writer.write(rows_batch)
                 return
@@ -177,7 +180,8 @@ class Pipeline:
                 frames.append(b"")
                 continue
             start = int(lengths[i]) - int(batch.captured_len[i])  # where the frame begins
-            stop = min(start + self.packet_bytes, int(lengths[i]), buf.shape[1])
+            end = int(lengths[i]) if present is None else min(int(lengths[i]), int(present[i]))
+            stop = min(start + self.packet_bytes, end, buf.shape[1])
             frames.append(buf[i, start:stop].tobytes() if stop > start else b"")
         self.packet_writer.write(
             packets_batch(batch, rows, ts_ns, frames, self.registry, self.collector_id))

@@ -312,3 +312,24 @@ def test_a_flow_idle_past_the_idle_timeout_is_ended_on_the_capture_clock(tmp_pat
     rows = [(r["packets"], r["end_reason"], r["first_us"])
             for r in as_dicts(flow_rows(tmp_path / "data"))]
     assert sorted(rows, key=lambda r: r[2]) == [(1, "idle", 0), (1, "shutdown", 10_000_000)]
+
+
+def test_packets_table_keeps_only_the_bytes_a_snaplen_kept(tmp_path):
+    """A record cut by the capture's snaplen inside the mirrored frame: its packets-table
+    frame is the bytes the capture holds, not the rest of the slot (which is not the
+    datagram's)."""
+    inner = build.ethernet(build.ipv4(build.tcp(b"x" * 400, flags=build.ACK), proto=build.TCP))
+    outer = build.ethernet(build.ipv4(
+        build.udp(build.vxlan(inner, vni=SEED_VNI), sport=51000, dport=4789,
+                  ip_src="10.0.1.10", ip_dst="10.0.2.20"),
+        src="10.0.1.10", dst="10.0.2.20", proto=build.UDP))
+    kept = 14 + 20 + 8 + 8 + 90  # outer headers, VXLAN, and 90 bytes of the mirrored frame
+    capture = tmp_path / "snaplen.pcap"
+    capture.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, kept, 1)
+                        + struct.pack("<IIII", 1767225600, 0, kept, len(outer)) + outer[:kept])
+    pipeline = Pipeline(tmp_path / "data", collector_id="test", packets=True, packet_bytes=256)
+    ingest([capture], pipeline)
+    con = connect(tmp_path / "data")
+    frame, captured = con.sql("SELECT frame, captured_len FROM packets").fetchone()
+    assert frame == inner[:90]
+    assert captured == len(inner)  # the frame's length as mirrored; 90 of it kept by the capture

@@ -144,7 +144,7 @@ def _optional(values: np.ndarray) -> pa.Array:
 
 def packets_record_batch(batch: PacketBatch, rows: np.ndarray, ts_ns: np.ndarray, buf, lengths,
                          packet_bytes: int, registry: SessionRegistry | None,
-                         collector_id: str) -> pa.RecordBatch | None:
+                         collector_id: str, present=None) -> pa.RecordBatch | None:
     """`collector.store.rows.packets_batch` of the decoded `rows`, their frames cut to
     `packet_bytes` as `Pipeline._write_packets` cuts them, in a few array operations. None
     when a row's frame would start before its slot (only hand-made batches): the caller takes
@@ -158,6 +158,8 @@ def packets_record_batch(batch: PacketBatch, rows: np.ndarray, ts_ns: np.ndarray
         start = length - batch.captured_len[rows]  # where the frame begins
         if (start < 0).any():
             return None
+        if present is not None:  # a snaplen kept fewer bytes: the rest of the slot is not data
+            length = np.minimum(length, np.asarray(present, dtype=np.int64)[rows])
         stop = np.minimum(np.minimum(start + packet_bytes, length), buf.shape[1])
         size = np.maximum(stop - start, 0)
         offsets = np.zeros(n + 1, dtype=np.int32)
