@@ -422,8 +422,87 @@ f0:
     return NULL;
 }
 
+/* -- outer source ports --------------------------------------------------------------------- */
+
+static uint32_t crc_table[256];
+
+static uint32_t crc32_of(const uint8_t *p, size_t n) {  /* zlib.crc32 */
+    if (!crc_table[1]) {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            crc_table[i] = c;
+        }
+    }
+    uint32_t c = 0xFFFFFFFFu;
+    for (size_t i = 0; i < n; i++) c = crc_table[(c ^ p[i]) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+PyDoc_STRVAR(source_ports_doc,
+"source_ports(keys, ports)\n\n"
+"For each row of `keys` (uint8, n x 40, as flow_keys fills them), the outer UDP source port\n"
+"collector.replay.encap.source_port gives the frame's flow: 49152 + the low 14 bits of the\n"
+"CRC-32 of Flow.hash_key() (TCP: the symmetric key, its endpoints in byte order; UDP:\n"
+"addresses and ports by direction; ICMP: addresses, then type and code). -1 for an\n"
+"all-zero row (the caller asks flow_of). `ports`: int64, n.");
+
+static PyObject *source_ports(PyObject *self, PyObject *args) {
+    PyObject *o1, *o2;
+    if (!PyArg_ParseTuple(args, "OO", &o1, &o2)) return NULL;
+    Py_buffer k, p;
+    if (get_buffer(o1, &k, 0, 1, "keys") < 0) return NULL;
+    if (get_buffer(o2, &p, 1, 8, "ports") < 0) {
+        PyBuffer_Release(&k);
+        return NULL;
+    }
+    Py_ssize_t n = items(&p);
+    if (k.len != n * KEY_LEN) {
+        PyBuffer_Release(&p); PyBuffer_Release(&k);
+        return PyErr_Format(PyExc_ValueError, "keys (n x 40), ports (n): one row per frame");
+    }
+    const uint8_t *keys = k.buf;
+    int64_t *ports = p.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t *key = keys + i * KEY_LEN;
+        if (!key[0]) {
+            ports[i] = -1;
+            continue;
+        }
+        size_t alen = key[0] == 4 ? 4 : 16;
+        const uint8_t *src = key + 6, *dst = key + 22;
+        unsigned proto = key[1];
+        uint8_t buf[2 + 2 * (16 + 2) + 1], *w = buf;
+        if (proto == 6) {  /* "S" proto low "|" high, each endpoint address + port */
+            uint8_t a[18], b[18];
+            memcpy(a, src, alen); memcpy(a + alen, key + 2, 2);
+            memcpy(b, dst, alen); memcpy(b + alen, key + 4, 2);
+            int a_low = memcmp(a, b, alen + 2) <= 0;
+            *w++ = 'S'; *w++ = (uint8_t)proto;
+            memcpy(w, a_low ? a : b, alen + 2); w += alen + 2;
+            *w++ = '|';
+            memcpy(w, a_low ? b : a, alen + 2); w += alen + 2;
+        } else if (proto == 17) {  /* "I" proto src sport dst dport */
+            *w++ = 'I'; *w++ = (uint8_t)proto;
+            memcpy(w, src, alen); w += alen;
+            memcpy(w, key + 2, 2); w += 2;
+            memcpy(w, dst, alen); w += alen;
+            memcpy(w, key + 4, 2); w += 2;
+        } else {  /* ICMP / ICMPv6: "I" proto src dst type code */
+            *w++ = 'I'; *w++ = (uint8_t)proto;
+            memcpy(w, src, alen); w += alen;
+            memcpy(w, dst, alen); w += alen;
+            memcpy(w, key + 2, 2); w += 2;
+        }
+        ports[i] = 49152 + (crc32_of(buf, (size_t)(w - buf)) & 0x3FFF);
+    }
+    PyBuffer_Release(&p); PyBuffer_Release(&k);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"recv_batch", recv_batch, METH_VARARGS, recv_batch_doc},
+    {"source_ports", source_ports, METH_VARARGS, source_ports_doc},
     {"send_batch", send_batch, METH_VARARGS, send_batch_doc},
     {"pcap_walk", pcap_walk, METH_VARARGS, pcap_walk_doc},
     {"flow_keys", flow_keys, METH_VARARGS, flow_keys_doc},

@@ -47,7 +47,7 @@ __all__ = ["ReplayError", "ReplayOptions", "ReplayProgress", "ReplaySummary", "r
 
 PROGRESS_EVERY = 1024  # datagrams between progress reports
 BATCH = 4096  # records per batch on the fast path (a multiple of PROGRESS_EVERY)
-_CACHED_KEYS = 1 << 20  # flow keys whose (port, conversation) the fast path remembers
+_CACHED_KEYS = 1 << 20  # flow keys the fast path remembers as sent
 _KEY_LEN = 40  # bytes per row of collector._fastio.flow_keys
 
 
@@ -502,7 +502,7 @@ class _Run:
         keep_bytes = encapsulator.packet_length or (1 << 62)
         index, count = self.share or (0, 1)
         big = _PCAP_MAGICS[int.from_bytes(data[:4], "little")][0] == ">"
-        offsets, caplens, wirelens = (np.empty(BATCH, np.int64) for _ in range(3))
+        offsets, caplens, wirelens, ports = (np.empty(BATCH, np.int64) for _ in range(4))
         keys = np.empty((BATCH, _KEY_LEN), np.uint8)
         key_hashes = np.empty(BATCH, np.uint64)
         known = self._known_keys
@@ -514,20 +514,20 @@ class _Run:
                 n, pos, _ = fast.pcap_walk(data, pos, big, offsets, caplens, wirelens)
                 if n == 0:
                     return False
-                off, cap, wire = offsets[:n], caplens[:n], wirelens[:n]
+                off, cap, wire, port = offsets[:n], caplens[:n], wirelens[:n], ports[:n]
                 usable = cap >= 14  # shorter: no Ethernet header (`ethernet_frame`)
                 fast.flow_keys(data, off, cap, keys[:n], key_hashes[:n])
-                slot = known.find(keys[:n], key_hashes[:n], view, off, cap, hashes)
-                simple = slot >= 0
-                ports = np.zeros(n, np.int64)
-                ports[simple] = known.ports[slot[simple]]
+                # the outer source port in C for the common case (-1: ask flow_of), so that a
+                # worker looks no further at the records of another worker's ports
+                fast.source_ports(keys[:n], port)
+                simple = port >= 0
                 conversations: dict = {}
                 for i in np.flatnonzero(~simple & usable):  # VLAN tags, extension headers,
                     # cut headers, non-IP: flow_of per frame
-                    ports[i], conversations[i] = hashes(flow_of(view[off[i]:off[i] + cap[i]]))
+                    port[i], conversations[i] = hashes(flow_of(view[off[i]:off[i] + cap[i]]))
                 send = usable.copy()
                 if count > 1:
-                    send &= ports % count == index
+                    send &= port % count == index
                 used = n
                 if bounds.limit is not None:
                     room = bounds.limit - self.attempted
@@ -541,8 +541,11 @@ class _Run:
                     summary.skipped[Skip.LINK_TYPE.value] += short
                 chosen = np.flatnonzero(send)
                 lengths = np.minimum(cap[chosen], keep_bytes)
-                failed = sender.send_batch(data, off[chosen], lengths, ports[chosen], header)
-                for conversation in known.first_sent(slot[chosen[simple[chosen]]]):
+                failed = sender.send_batch(data, off[chosen], lengths, port[chosen], header,
+                                           grouped=True)
+                common = chosen[simple[chosen]]
+                for conversation in known.first_seen(keys[common], key_hashes[common], view,
+                                                     off[common], cap[common], hashes):
                     remember((vni, conversation))
                 for i in chosen[~simple[chosen]]:
                     remember((vni, conversations[i]))
@@ -586,11 +589,12 @@ class _Run:
 
 
 class _KnownKeys:
-    """The batch path's flow keys (`collector._fastio.flow_keys` rows) and what the
-    `Encapsulator` made of them: the outer source port and the conversation, found for a
-    whole batch at once by the rows' 64-bit hashes (sorted, searched with numpy). A hash
-    only stands for the key whose bytes it was stored with: a row with the same hash and
-    other bytes is left to flow_of, so a collision can never give a wrong port."""
+    """The batch path's flows sent so far, by their flow keys (`collector._fastio.flow_keys`
+    rows): which rows of a batch are of a flow not seen before, found for a whole batch at
+    once by the rows' 64-bit hashes (sorted, searched with numpy); only such a row's frame
+    goes to flow_of, for its conversation. A hash only stands for the key whose bytes it
+    was stored with: a row with the same hash and other bytes goes to flow_of too, so a
+    collision can never lose or invent a flow."""
 
     def __init__(self) -> None:
         self.clear()
@@ -598,56 +602,35 @@ class _KnownKeys:
     def clear(self) -> None:
         self.hashes = np.empty(0, np.uint64)
         self.keys = np.empty((0, _KEY_LEN), np.uint8)
-        self.ports = np.empty(0, np.int64)
-        self.conversations = np.empty(0, object)
-        self.sent = np.empty(0, np.bool_)  # the flow was remembered (attempted) already
 
-    def _lookup(self, keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-        """Each row's slot, -1 where it is not known (or is not a common-case row)."""
-        slot = np.full(len(hashes), -1, np.int64)
-        if not len(self.hashes):
-            return slot
-        at = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
-        hit = (hashes != 0) & (self.hashes[at] == hashes)
-        rows = np.flatnonzero(hit)
-        same = (self.keys[at[rows]] == keys[rows]).all(axis=1)
-        slot[rows[same]] = at[rows[same]]
-        return slot
-
-    def find(self, keys, hashes, view, offsets, caplens, flow_hashes) -> np.ndarray:
-        """Slots of the rows (after adding the keys first seen here); -1: ask flow_of."""
-        slot = self._lookup(keys, hashes)
-        new = (slot < 0) & (hashes != 0)
-        if new.any():
-            rows = np.flatnonzero(new)
-            fresh, first = np.unique(hashes[rows], return_index=True)
-            taken = np.isin(fresh, self.hashes)  # a collision with a known key: flow_of
-            first = rows[first[~taken]]
-            if len(self.hashes) + len(first) > _CACHED_KEYS:
+    def first_seen(self, keys, hashes, view, offsets, caplens, flow_hashes) -> list:
+        """The conversations of the flows of these common-case rows (being sent) not seen
+        before, and of any row whose hash stands for other bytes."""
+        if not len(hashes):
+            return []
+        unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        # rows whose bytes are not those of the first row with their hash: flow_of
+        odd = np.flatnonzero((keys != keys[first][inverse]).any(axis=1))
+        if len(self.hashes):
+            at = np.minimum(np.searchsorted(self.hashes, unique), len(self.hashes) - 1)
+            hit = self.hashes[at] == unique
+            rows = np.flatnonzero(hit)
+            other = (self.keys[at[rows]] != keys[first[rows]]).any(axis=1)
+            odd = np.concatenate((odd, first[rows[other]]))
+            new = ~hit
+        else:
+            new = np.ones(len(unique), np.bool_)
+        fresh = first[new]
+        conversations = [flow_hashes(flow_of(view[offsets[i]:offsets[i] + caplens[i]]))[1]
+                         for i in np.concatenate((fresh, odd))]
+        if len(fresh):
+            if len(self.hashes) + len(fresh) > _CACHED_KEYS:
                 self.clear()
-            ports, conversations = [], []
-            for i in first:
-                port, conversation = flow_hashes(flow_of(view[offsets[i]:offsets[i]
-                                                              + caplens[i]]))
-                ports.append(port)
-                conversations.append(conversation)
-            new_conversations = np.empty(len(first), object)
-            new_conversations[:] = conversations
-            hashes_all = np.concatenate((self.hashes, hashes[first]))
-            order = np.argsort(hashes_all, kind="stable")
-            self.hashes = hashes_all[order]
-            self.keys = np.concatenate((self.keys, keys[first]))[order]
-            self.ports = np.concatenate((self.ports, np.array(ports, np.int64)))[order]
-            self.conversations = np.concatenate((self.conversations, new_conversations))[order]
-            self.sent = np.concatenate((self.sent, np.zeros(len(first), np.bool_)))[order]
-            slot = self._lookup(keys, hashes)  # rows sharing a new hash with other bytes: -1
-        return slot
-
-    def first_sent(self, slots: np.ndarray) -> list:
-        """The conversations of `slots` (rows being sent) not sent before."""
-        fresh = np.unique(slots[~self.sent[slots]])
-        self.sent[fresh] = True
-        return self.conversations[fresh].tolist()
+            all_hashes = np.concatenate((self.hashes, hashes[fresh]))
+            order = np.argsort(all_hashes, kind="stable")
+            self.hashes = all_hashes[order]
+            self.keys = np.concatenate((self.keys, keys[fresh]))[order]
+        return conversations
 
 
 def _classic_ethernet_pcap(path) -> mmap.mmap | None:

@@ -164,10 +164,17 @@ class Sender:
         return True
 
     def send_batch(self, data, offsets: np.ndarray, lengths: np.ndarray, ports: np.ndarray,
-                   header: bytes = b"", *, fastio: bool | None = None) -> np.ndarray:
+                   header: bytes = b"", *, fastio: bool | None = None,
+                   grouped: bool = False) -> np.ndarray:
         """Send datagram i = `header` + data[offsets[i] : offsets[i] + lengths[i]] from source
         port ports[i], in order (int64 arrays; `data` any buffer). Returns the indices of the
-        datagrams counted failed (usually none). `fastio` False forces the per-datagram path."""
+        datagrams counted failed (usually none). `fastio` False forces the per-datagram path.
+
+        `grouped`: on the compiled path, each chunk's datagrams leave grouped by socket (the
+        sockets in the order of their first datagram, each socket's in their order), so that
+        one sendmmsg call carries all of a socket's datagrams of the chunk, not one call per
+        change of socket: every source port's datagrams keep their order, datagrams of
+        different ports may leave in another order (as they may arrive in one anyway)."""
         offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         ports = np.ascontiguousarray(ports, dtype=np.int64)
@@ -187,22 +194,27 @@ class Sender:
         for first in range(0, len(ports), max(step, 1)):
             last = min(first + step, len(ports))
             fd_of = self._fds_for(ports[first:last])
-            done = first
-            while done < last:
-                sent, err = fast.send_batch(fd_of[done - first:], data, offsets[done:last],
-                                            lengths[done:last], header)
+            index = np.arange(first, last)
+            if grouped and last - first > 1:
+                index = first + _grouped_by_socket(fd_of)
+                fd_of = fd_of[index - first]
+            chunk_offsets, chunk_lengths = offsets[index], lengths[index]
+            done = 0
+            while done < last - first:
+                sent, err = fast.send_batch(fd_of[done:], data, chunk_offsets[done:],
+                                            chunk_lengths[done:], header)
                 self.stats.sent += sent
                 done += sent
-                if done < last:  # datagram `done` failed: the per-datagram path decides
-                    start = int(offsets[done])
+                if done < last - first:  # datagram `done` failed: the per-datagram path decides
+                    start = int(chunk_offsets[done])
                     payload = header + bytes(memoryview(data).cast("B")[
-                        start:start + int(lengths[done])])
-                    port = int(ports[done])
+                        start:start + int(chunk_lengths[done])])
+                    port = int(ports[index[done]])
                     sock = self._pool.get(port) or self._shared
                     if not self._retry(sock, payload, OSError(err, os.strerror(err))):
-                        failed.append(done)
+                        failed.append(int(index[done]))
                     done += 1
-        return np.array(failed, dtype=np.int64)
+        return np.array(sorted(failed), dtype=np.int64)
 
     def _fds_for(self, ports: np.ndarray) -> np.ndarray:
         """The socket fd of each datagram of one chunk. The pool is updated as `send` would
@@ -325,6 +337,13 @@ class Sender:
         if self._shared is not None:
             self._close(self._shared)
             self._shared = None
+
+
+def _grouped_by_socket(fds: np.ndarray) -> np.ndarray:
+    """The permutation that groups `fds` by value, the groups in the order of their first
+    element and each group in its own order (a stable sort on the first position)."""
+    _, first, inverse = np.unique(fds, return_index=True, return_inverse=True)
+    return np.argsort(first[inverse], kind="stable")
 
 
 def _room_for(pool_size: int) -> int:

@@ -9,7 +9,10 @@ import struct
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collector import build, compiled
 from collector.capture import CaptureError
@@ -274,3 +277,46 @@ def test_files_of_both_paths_in_one_replay_share_the_pool(mixed, tmp_path, monke
     assert _same_datagrams(*results)
     assert _comparable(results[0][0]) == _comparable(results[1][0])
     assert results[0][0].packets == 2 * 400 + len(frames)
+
+
+@st.composite
+def _any_frame(draw):
+    """A frame flow_keys may take: TCP, UDP or ICMP over IPv4 or IPv6 with drawn addresses,
+    ports and types (both orders of the TCP endpoints), or drawn bytes after an IP ethertype."""
+    if draw(st.booleans()):
+        ethertype = draw(st.sampled_from((0x0800, 0x86DD, 0x0806)))
+        return bytes(12) + ethertype.to_bytes(2, "big") + draw(st.binary(max_size=80))
+    v6 = draw(st.booleans())
+    size = 16 if v6 else 4
+    src, dst = draw(st.binary(min_size=size, max_size=size)), draw(
+        st.binary(min_size=size, max_size=size))
+    if draw(st.booleans()):  # the same address both ways: the ports decide the TCP order
+        dst = src
+    sport, dport = draw(st.integers(0, 65535)), draw(st.integers(0, 65535))
+    proto = draw(st.sampled_from((build.TCP, build.UDP, build.ICMP, build.ICMPV6, 47)))
+    l4 = sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + draw(st.binary(max_size=24))
+    if v6:
+        ip = (b"\x60" + bytes(3) + len(l4).to_bytes(2, "big") + bytes((proto, 64)) + src + dst)
+        return bytes(12) + b"\x86\xdd" + ip + l4
+    ip = bytes((0x45, 0)) + (20 + len(l4)).to_bytes(2, "big") + bytes(4) + bytes((64, proto))
+    return bytes(12) + b"\x08\x00" + ip + bytes(2) + src + dst + l4
+
+
+@given(frames=st.lists(_any_frame(), min_size=1, max_size=20))
+@settings(max_examples=300, deadline=None)
+def test_source_ports_in_c_are_the_encapsulators(frames):
+    """collector._fastio.source_ports on flow_keys rows gives source_port(flow_of(frame)),
+    and -1 only for the rows flow_keys leaves to flow_of (all zeros)."""
+    fast = compiled.extension("_fastio")
+    data = b"".join(frames)
+    lengths = np.array([len(f) for f in frames], np.int64)
+    offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    keys = np.zeros((len(frames), 40), np.uint8)
+    fast.flow_keys(data, offsets, lengths, keys)
+    ports = np.empty(len(frames), np.int64)
+    fast.source_ports(keys, ports)
+    for frame, key, port in zip(frames, keys, ports):
+        if not key.any():
+            assert port == -1
+        else:
+            assert port == source_port(flow_of(frame))
