@@ -18,6 +18,8 @@ exited, so that it takes no CPU from the senders while they run:
     collector replay PLAIN --vni 7159709 --topspeed --workers 2 --target 127.0.0.1:P
     collector replay TWIN --as-captured --topspeed --target 127.0.0.1:P   (with --as-captured)
     tcpreplay --topspeed -i lo TWIN
+    the C sendmmsg ceiling, 1 and 2 processes (CEILING_C below: the same datagrams from the
+    same source ports, sockets opened before its clock starts; gcc builds it)
 
 Rates are the tools' own ("Rated: ... pps"); every datagram must reach the sink.
 tcpreplay's frames from 127.0.0.1 arriving on lo are only delivered with
@@ -80,6 +82,151 @@ except BlockingIOError:
     pass
 print(count, size, flush=True)
 """
+
+
+# The kernel's ceiling for what `collector replay` does: the same datagrams (read from a file
+# the benchmark writes: port u16, length u32, payload), each from a UDP socket bound to its
+# flow's source port and connected to the target, all opened before the clock starts; then
+# sendmmsg per socket over windows of 4096 datagrams (each socket's in capture order), as
+# collector's batch path sends them. With W > 1, W forked processes share the datagrams by
+# source port modulo W. It prints tcpreplay-style summary lines.
+CEILING_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#define WINDOW 4096
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+int main(int argc, char **argv) {
+    if (argc != 5) return fprintf(stderr, "usage: DATAGRAMS HOST PORT WORKERS\n"), 2;
+    FILE *f = fopen(argv[1], "rb");
+    struct stat st;
+    if (!f || fstat(fileno(f), &st)) return perror(argv[1]), 1;
+    uint8_t *blob = malloc(st.st_size);
+    if (fread(blob, 1, st.st_size, f) != (size_t)st.st_size) return perror("read"), 1;
+    long n = 0, cap = 1 << 16;
+    uint8_t **data = malloc(cap * sizeof *data);
+    uint32_t *len = malloc(cap * sizeof *len);
+    uint16_t *port = malloc(cap * sizeof *port);
+    for (long at = 0; at + 6 <= st.st_size; n++) {
+        if (n == cap) {
+            cap *= 2;
+            data = realloc(data, cap * sizeof *data);
+            len = realloc(len, cap * sizeof *len);
+            port = realloc(port, cap * sizeof *port);
+        }
+        memcpy(&port[n], blob + at, 2);
+        memcpy(&len[n], blob + at + 2, 4);
+        data[n] = blob + at + 6;
+        at += 6 + len[n];
+    }
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
+    inet_pton(AF_INET, argv[2], &to.sin_addr);
+    static int sock_of[65536];
+    int *fd = malloc(n * sizeof *fd);
+    for (long i = 0; i < n; i++) {
+        if (!sock_of[port[i]]) {
+            int s = socket(AF_INET, SOCK_DGRAM, 0);
+            struct sockaddr_in from = {.sin_family = AF_INET, .sin_port = htons(port[i])};
+            bind(s, (struct sockaddr *)&from, sizeof from);  /* taken: an ephemeral port */
+            if (connect(s, (struct sockaddr *)&to, sizeof to)) return perror("connect"), 1;
+            sock_of[port[i]] = s;
+        }
+        fd[i] = sock_of[port[i]];
+    }
+    int workers = atoi(argv[4]), me = 0;
+    double start = now();
+    if (workers > 1) {
+        for (me = 0; me < workers; me++)
+            if (fork() == 0) break;
+        if (me == workers) {
+            while (wait(NULL) > 0) {}
+            double t = now() - start;
+            printf("Actual: %ld packets (0 bytes) sent in %.2f seconds\n"
+                   "Rated: 0.0 Bps, 0.00 Mbps, %.2f pps\n", n, t, n / t);
+            return 0;
+        }
+    }
+    struct mmsghdr *msgs = calloc(WINDOW, sizeof *msgs);
+    struct iovec *iov = calloc(WINDOW, sizeof *iov);
+    long *order = malloc(WINDOW * sizeof *order), *next = malloc(WINDOW * sizeof *next);
+    static long first_of[65536], last_of[65536], stamp_of[65536];
+    long stamp = 0, sent = 0;
+    for (long base = 0; base < n; base += WINDOW) {
+        long end = base + WINDOW < n ? base + WINDOW : n, heads = 0;
+        stamp++;
+        for (long i = base; i < end; i++) {  /* a list per source port, ports in first-use order */
+            if (workers > 1 && port[i] % workers != me) continue;
+            long k = i - base;
+            next[k] = -1;
+            if (stamp_of[port[i]] != stamp) {
+                stamp_of[port[i]] = stamp;
+                first_of[port[i]] = last_of[port[i]] = k;
+                order[heads++] = port[i];
+            } else {
+                next[last_of[port[i]]] = k;
+                last_of[port[i]] = k;
+            }
+        }
+        for (long h = 0; h < heads; h++) {
+            int m = 0;
+            for (long k = first_of[order[h]]; k >= 0; k = next[k]) {
+                iov[m].iov_base = data[base + k];
+                iov[m].iov_len = len[base + k];
+                memset(&msgs[m], 0, sizeof msgs[m]);
+                msgs[m].msg_hdr.msg_iov = &iov[m];
+                msgs[m].msg_hdr.msg_iovlen = 1;
+                m++;
+            }
+            for (int done = 0; done < m;) {
+                int r = sendmmsg(sock_of[order[h]], msgs + done, m - done, 0);
+                if (r < 0) return perror("sendmmsg"), 1;
+                done += r;
+                sent += r;
+            }
+        }
+    }
+    if (workers > 1) return 0;
+    double t = now() - start;
+    printf("Actual: %ld packets (0 bytes) sent in %.2f seconds\n"
+           "Rated: 0.0 Bps, 0.00 Mbps, %.2f pps\n", sent, t, sent / t);
+    return 0;
+}
+"""
+
+
+def ceiling(plain: Path, key: str) -> tuple[Path, Path] | None:
+    """(the C sender, the datagrams of `plain` as collector replay --vni sends them), built and
+    written once into the cache; None without gcc."""
+    if ensure_apt("gcc") is None:
+        return None
+    cache = cache_dir("replay")
+    binary, source = cache / "replay-ceiling", cache / "replay-ceiling.c"
+    if not binary.exists() or not source.exists() or source.read_text() != CEILING_C:
+        source.write_text(CEILING_C)
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
+    datagrams = cache / f"{key}-datagrams.bin"
+    if not datagrams.exists():
+        encapsulator = Encapsulator(vni=VNI)
+        with open(datagrams.with_suffix(".tmp"), "wb") as f:
+            for record in read_capture(plain):
+                mirrored = encapsulator.mirror(record)
+                f.write(struct.pack("<HI", mirrored.source_port, len(mirrored.payload)))
+                f.write(mirrored.payload)
+        datagrams.with_suffix(".tmp").rename(datagrams)
+    return binary, datagrams
 
 
 # -- the captures ------------------------------------------------------------------------------
@@ -280,6 +427,14 @@ def main() -> None:
     else:
         rows["tcpreplay --topspeed -i lo (the twin)"] = [tcpreplay, "--topspeed", "-i", "lo",
                                                          str(twin)]
+    built = ceiling(plain, f"g{GENERATOR}-s{SEED}-n{args.packets}-f{args.flows}")
+    if built is None:
+        print("gcc is not installed: the C sendmmsg ceiling rows are skipped")
+    else:
+        binary, datagrams = built
+        for workers in (1, 2):
+            rows[f"C sendmmsg ceiling, {workers} process{'es' if workers > 1 else ''}"] = [
+                str(binary), str(datagrams), "127.0.0.1", str(args.port), str(workers)]
     results: dict[str, list[dict]] = {name: [] for name in rows}
     with sysctls({name.replace("/", "."): "1" for name in SYSCTLS}):
         for _ in range(args.runs):
@@ -307,13 +462,22 @@ def main() -> None:
         theirs = medians["tcpreplay --topspeed -i lo (the twin)"]["pps"]
         for name, target_ratio in (("collector replay --vni (plain capture, VXLAN)", 1.0),
                                    ("collector replay --vni --workers 2", 1.5),
-                                   ("collector replay --as-captured (the twin)", None)):
+                                   ("collector replay --as-captured (the twin)", None),
+                                   ("C sendmmsg ceiling, 1 process", None),
+                                   ("C sendmmsg ceiling, 2 processes", None)):
             if name not in medians:
                 continue
             ratio = medians[name]["pps"] / theirs
             verdict = "" if target_ratio is None else (
                 f" ({'met' if ratio >= target_ratio else 'NOT met'}: >= {target_ratio}x)")
             print(f"ratio {name} / tcpreplay: {ratio:.2f}{verdict}")
+        for ours, ceiling_row in (("collector replay --vni (plain capture, VXLAN)",
+                                   "C sendmmsg ceiling, 1 process"),
+                                  ("collector replay --vni --workers 2",
+                                   "C sendmmsg ceiling, 2 processes")):
+            if ours in medians and ceiling_row in medians:
+                print(f"ratio {ours} / {ceiling_row}: "
+                      f"{medians[ours]['pps'] / medians[ceiling_row]['pps']:.2f}")
 
 
 def profile(plain: Path, target: str) -> None:

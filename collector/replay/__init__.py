@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from collector import compiled
+from collector.build import TCP, UDP
 from collector.capture import _PCAP_MAGICS, PCAP_HEADER_LEN, CaptureError, read_capture
 from collector.replay.encap import ENCAPS, Encapsulator, Skip, check_packet_length, flow_of
 from collector.replay.filter import FilterEvaluator
@@ -621,8 +622,11 @@ class _KnownKeys:
         else:
             new = np.ones(len(unique), np.bool_)
         fresh = first[new]
-        conversations = [flow_hashes(flow_of(view[offsets[i]:offsets[i] + caplens[i]]))[1]
-                         for i in np.concatenate((fresh, odd))]
+        rows = keys[fresh].tobytes()
+        conversations = [_conversation(rows[at:at + _KEY_LEN])
+                         for at in range(0, len(rows), _KEY_LEN)]
+        conversations += [flow_hashes(flow_of(view[offsets[i]:offsets[i] + caplens[i]]))[1]
+                          for i in odd]
         if len(fresh):
             if len(self.hashes) + len(fresh) > _CACHED_KEYS:
                 self.clear()
@@ -631,6 +635,18 @@ class _KnownKeys:
             self.hashes = all_hashes[order]
             self.keys = np.concatenate((self.keys, keys[fresh]))[order]
         return conversations
+
+
+def _conversation(row: bytes) -> bytes:
+    """`Flow.symmetric_key()` of a frame whose flow_keys row (common case) is `row`: what
+    flow_of and the `Encapsulator` would give, without them."""
+    size = 4 if row[0] == 4 else 16
+    proto = row[1]
+    a, b = row[6:6 + size], row[22:22 + size]
+    if proto == TCP or proto == UDP:
+        a, b = a + row[2:4], b + row[4:6]
+    low, high = (a, b) if a <= b else (b, a)
+    return b"S" + bytes((proto,)) + low + b"|" + high
 
 
 def _classic_ethernet_pcap(path) -> mmap.mmap | None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from collector import build, compiled
 from collector.capture import CaptureError
-from collector.replay import ReplayError, ReplayOptions, replay
+from collector.replay import ReplayError, ReplayOptions, _conversation, replay
 from collector.replay.encap import flow_of, source_port
 from collector.replay.sender import Sender
 from tests.replay.test_sender import Sink
@@ -304,9 +304,10 @@ def _any_frame(draw):
 
 @given(frames=st.lists(_any_frame(), min_size=1, max_size=20))
 @settings(max_examples=300, deadline=None)
-def test_source_ports_in_c_are_the_encapsulators(frames):
+def test_source_ports_and_conversations_of_flow_keys_are_the_encapsulators(frames):
     """collector._fastio.source_ports on flow_keys rows gives source_port(flow_of(frame)),
-    and -1 only for the rows flow_keys leaves to flow_of (all zeros)."""
+    and -1 only for the rows flow_keys leaves to flow_of (all zeros); the conversation read
+    off a row is the flow's symmetric key."""
     fast = compiled.extension("_fastio")
     data = b"".join(frames)
     lengths = np.array([len(f) for f in frames], np.int64)
@@ -320,3 +321,4 @@ def test_source_ports_in_c_are_the_encapsulators(frames):
             assert port == -1
         else:
             assert port == source_port(flow_of(frame))
+            assert _conversation(key.tobytes()) == flow_of(frame).symmetric_key()
