@@ -48,7 +48,7 @@ __all__ = ["ReplayError", "ReplayOptions", "ReplayProgress", "ReplaySummary", "r
 
 PROGRESS_EVERY = 1024  # datagrams between progress reports
 BATCH = 4096  # records per batch on the fast path (a multiple of PROGRESS_EVERY)
-_CACHED_KEYS = 1 << 20  # flow keys the fast path remembers as sent
+_TABLE_BYTES = 64 << 20  # the fast path's set of flow keys sent stays within this
 _KEY_LEN = 40  # bytes per row of collector._fastio.flow_keys
 
 
@@ -356,7 +356,7 @@ class _Run:
         self.paths, self.options, self.progress, self.clock = list(paths), options, progress, clock
         self.share = share
         self.attempted = 0
-        self._known_keys = _KnownKeys()
+        self._known_keys: _KnownKeys | None = None  # made by the batch path
         self.encapsulator = Encapsulator(
             vni=options.vni, packet_length=options.packet_length, encap=options.encap,
             as_captured=options.as_captured, gwlb_src=options.gwlb_src, gwlb_dst=options.gwlb_dst)
@@ -506,6 +506,8 @@ class _Run:
         offsets, caplens, wirelens, ports = (np.empty(BATCH, np.int64) for _ in range(4))
         keys = np.empty((BATCH, _KEY_LEN), np.uint8)
         key_hashes = np.empty(BATCH, np.uint64)
+        if self._known_keys is None:
+            self._known_keys = _KnownKeys(fast)
         known = self._known_keys
         view = memoryview(data)
         pos = PCAP_HEADER_LEN
@@ -544,9 +546,7 @@ class _Run:
                 lengths = np.minimum(cap[chosen], keep_bytes)
                 failed = sender.send_batch(data, off[chosen], lengths, port[chosen], header,
                                            grouped=True)
-                common = chosen[simple[chosen]]
-                for conversation in known.first_seen(keys[common], key_hashes[common], view,
-                                                     off[common], cap[common], hashes):
+                for conversation in known.first_seen(keys, key_hashes, chosen[simple[chosen]]):
                     remember((vni, conversation))
                 for i in chosen[~simple[chosen]]:
                     remember((vni, conversations[i]))
@@ -591,50 +591,48 @@ class _Run:
 
 class _KnownKeys:
     """The batch path's flows sent so far, by their flow keys (`collector._fastio.flow_keys`
-    rows): which rows of a batch are of a flow not seen before, found for a whole batch at
-    once by the rows' 64-bit hashes (sorted, searched with numpy); only such a row's frame
-    goes to flow_of, for its conversation. A hash only stands for the key whose bytes it
-    was stored with: a row with the same hash and other bytes goes to flow_of too, so a
-    collision can never lose or invent a flow."""
+    rows) in a hash set in C (`flows_seen`: open addressing over numpy arrays, keys compared
+    whole, so a hash collision never merges two flows): which rows of a batch are of a flow
+    not seen before. Only those get their conversation made (`_conversation`)."""
 
-    def __init__(self) -> None:
-        self.clear()
+    _FIRST_SLOTS = 1 << 12
 
-    def clear(self) -> None:
-        self.hashes = np.empty(0, np.uint64)
-        self.keys = np.empty((0, _KEY_LEN), np.uint8)
+    def __init__(self, fast) -> None:
+        self.fast = fast
+        self.clear(self._FIRST_SLOTS)
 
-    def first_seen(self, keys, hashes, view, offsets, caplens, flow_hashes) -> list:
-        """The conversations of the flows of these common-case rows (being sent) not seen
-        before, and of any row whose hash stands for other bytes."""
-        if not len(hashes):
-            return []
-        unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        # rows whose bytes are not those of the first row with their hash: flow_of
-        odd = np.flatnonzero((keys != keys[first][inverse]).any(axis=1))
-        if len(self.hashes):
-            at = np.minimum(np.searchsorted(self.hashes, unique), len(self.hashes) - 1)
-            hit = self.hashes[at] == unique
-            rows = np.flatnonzero(hit)
-            other = (self.keys[at[rows]] != keys[first[rows]]).any(axis=1)
-            odd = np.concatenate((odd, first[rows[other]]))
-            new = ~hit
-        else:
-            new = np.ones(len(unique), np.bool_)
-        fresh = first[new]
-        rows = keys[fresh].tobytes()
-        conversations = [_conversation(rows[at:at + _KEY_LEN])
-                         for at in range(0, len(rows), _KEY_LEN)]
-        conversations += [flow_hashes(flow_of(view[offsets[i]:offsets[i] + caplens[i]]))[1]
-                          for i in odd]
-        if len(fresh):
-            if len(self.hashes) + len(fresh) > _CACHED_KEYS:
-                self.clear()
-            all_hashes = np.concatenate((self.hashes, hashes[fresh]))
-            order = np.argsort(all_hashes, kind="stable")
-            self.hashes = all_hashes[order]
-            self.keys = np.concatenate((self.keys, keys[fresh]))[order]
-        return conversations
+    def clear(self, slots: int) -> None:
+        self.hashes = np.zeros(slots, np.uint64)
+        self.keys = np.zeros((slots, _KEY_LEN), np.uint8)
+        self.stored = 0
+
+    def first_seen(self, keys: np.ndarray, hashes: np.ndarray, rows: np.ndarray) -> list:
+        """The conversations of the flows of `rows` (common-case rows of `keys`, being sent)
+        not seen before."""
+        rows = np.ascontiguousarray(rows, np.int64)
+        fresh = np.empty(len(rows), np.int64)
+        found = []
+        while len(rows):
+            new, self.stored, looked_at = self.fast.flows_seen(
+                keys, hashes, rows, self.hashes, self.keys, fresh, self.stored)
+            found.append(fresh[:new].copy())
+            rows = rows[looked_at:]
+            if len(rows):  # the table is 3/4 full: twice the slots, or start over
+                self._grow()
+        rows = keys[np.concatenate(found)].tobytes() if found else b""
+        return [_conversation(rows[at:at + _KEY_LEN]) for at in range(0, len(rows), _KEY_LEN)]
+
+    def _grow(self) -> None:
+        held = np.flatnonzero(self.hashes)
+        if 2 * len(self.hashes) * _KEY_LEN > _TABLE_BYTES:  # bounded: remember anew
+            self.clear(len(self.hashes))
+            return
+        hashes, keys = self.hashes[held], self.keys[held]
+        self.clear(2 * len(self.hashes))
+        spare = np.empty(len(held), np.int64)
+        self.fast.flows_seen(keys, hashes, np.arange(len(held)), self.hashes, self.keys, spare,
+                             0)
+        self.stored = len(held)
 
 
 def _conversation(row: bytes) -> bytes:

@@ -322,3 +322,28 @@ def test_source_ports_and_conversations_of_flow_keys_are_the_encapsulators(frame
         else:
             assert port == source_port(flow_of(frame))
             assert _conversation(key.tobytes()) == flow_of(frame).symmetric_key()
+
+
+def test_the_set_of_flows_sent_grows_and_never_merges_colliding_keys(monkeypatch):
+    """_KnownKeys over collector._fastio.flows_seen: each key is new once, however many
+    times and batches it comes; keys sharing a hash stay two flows; the table grows past
+    3/4 full without losing a key, and starts over (reporting keys anew) at its bound."""
+    from collector import replay as module
+    known = module._KnownKeys(compiled.extension("_fastio"))
+    rng = np.random.default_rng(5)
+    keys = np.zeros((6000, 40), np.uint8)
+    keys[:, 0], keys[:, 1] = 4, 6
+    keys[:, 6:10] = rng.integers(0, 256, (6000, 4))
+    keys[:, 2:6] = np.arange(6000, dtype=">u4").view(np.uint8).reshape(-1, 4)
+    hashes = np.arange(1, 6001, dtype=np.uint64)
+    hashes[1::2] = hashes[0::2]  # pairs of keys with one hash: a collision each
+    seen = known.first_seen(keys, hashes, np.arange(3000))
+    assert len(seen) == 3000 and len(set(seen)) == 3000  # every key new, none merged
+    assert known.first_seen(keys, hashes, np.arange(3000)[::-1]) == []  # seen, any order
+    again = known.first_seen(keys, hashes, np.arange(6000))  # 3000 more: grows past 4096
+    assert len(again) == 3000 and len(known.hashes) >= 8192 and known.stored == 6000
+    monkeypatch.setattr(module, "_TABLE_BYTES", 4096 * 40)  # at the bound: start over
+    bounded = module._KnownKeys(compiled.extension("_fastio"))
+    assert len(bounded.first_seen(keys, hashes, np.arange(6000))) == 6000
+    assert len(bounded.hashes) == 4096 and bounded.stored == 6000 - 3072
+    assert len(bounded.first_seen(keys, hashes, np.arange(3072))) == 3072  # forgotten: anew
