@@ -514,8 +514,10 @@ class _Run:
         reached = 0  # the offset of the last record read, as the per-record path keeps it
         try:
             while True:
-                n, pos, _ = fast.pcap_walk(data, pos, big, offsets, caplens, wirelens)
+                n, pos, status = fast.pcap_walk(data, pos, big, offsets, caplens, wirelens)
                 if n == 0:
+                    if status:  # a faulty record at `pos`: what came before it was sent
+                        _raise_capture_error(path, pos)
                     return False
                 off, cap, wire, port = offsets[:n], caplens[:n], wirelens[:n], ports[:n]
                 usable = cap >= 14  # shorter: no Ethernet header (`ethernet_frame`)
@@ -648,10 +650,9 @@ def _conversation(row: bytes) -> bytes:
 
 
 def _classic_ethernet_pcap(path) -> mmap.mmap | None:
-    """The file mapped when it is a classic pcap of Ethernet frames whose records all walk
-    cleanly (the batch path's input), else None: the per-record reader then reads it and
-    reports any fault with its offset."""
-    fast = compiled.extension("_fastio")
+    """The file mapped when it is a classic pcap of Ethernet frames (the batch path's input),
+    else None: the per-record reader then reads it. Its records are not walked here: the
+    batch path meets a faulty one in its own walk and raises the reader's error for it."""
     try:
         with open(path, "rb") as f:
             # MAP_POPULATE: the pages mapped in one go, not one fault each as the walk
@@ -666,16 +667,18 @@ def _classic_ethernet_pcap(path) -> mmap.mmap | None:
         order, _ = _PCAP_MAGICS[int.from_bytes(data[:4], "little")]
         if int.from_bytes(data[20:24], "little" if order == "<" else "big") & 0xFFFF != 1:
             raise LookupError  # not LINKTYPE_ETHERNET
-        scratch = np.empty(1 << 16, np.int64)
-        pos = PCAP_HEADER_LEN
-        while pos < len(data):
-            n, pos, status = fast.pcap_walk(data, pos, order == ">", scratch, scratch, scratch)
-            if status:
-                raise LookupError  # a faulty record: read_capture says where and why
     except LookupError:
         data.close()
         return None
     return data
+
+
+def _raise_capture_error(path, offset: int) -> None:
+    """The error the per-record reader gives for the faulty record the batch path's walk
+    met at `offset` (its records before were sent): read_capture says where and why."""
+    for _ in read_capture(path):
+        pass
+    raise CaptureError(str(path), offset, f"record at offset {offset} cannot be read")
 
 
 def _dry_run(paths, target, options: ReplayOptions, progress) -> ReplaySummary:

@@ -155,7 +155,8 @@ def test_fast_path_on_real_captures(capture, monkeypatch):
     assert _same_datagrams(fast, slow) and _comparable(fast[0]) == _comparable(slow[0])
 
 
-def test_a_faulty_capture_goes_by_the_record_path_with_its_error(mixed, tmp_path, monkeypatch):
+def test_a_faulty_capture_sends_what_precedes_the_fault_then_raises_the_readers_error(
+        mixed, tmp_path, monkeypatch):
     cut = tmp_path / "cut.pcap"
     cut.write_bytes(mixed.read_bytes()[:-5])
     for pure in (False, True):
