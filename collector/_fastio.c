@@ -258,6 +258,68 @@ fail_h:
     return NULL;
 }
 
+PyDoc_STRVAR(group_by_fd_doc,
+"group_by_fd(fds, order)\n\n"
+"Write into `order` (int64, n) the permutation that groups `fds` (int64, n) by value: the\n"
+"groups in the order of their first element, each group's elements in their order (what\n"
+"a stable sort on each fd's first position gives). send_batch then needs one sendmmsg\n"
+"per socket, not one per change of socket.");
+
+static PyObject *group_by_fd(PyObject *self, PyObject *args) {
+    PyObject *o1, *o2;
+    if (!PyArg_ParseTuple(args, "OO", &o1, &o2)) return NULL;
+    Py_buffer f, o;
+    if (get_buffer(o1, &f, 0, 8, "fds") < 0) return NULL;
+    if (get_buffer(o2, &o, 1, 8, "order") < 0) {
+        PyBuffer_Release(&f);
+        return NULL;
+    }
+    Py_ssize_t n = items(&f);
+    if (items(&o) != n) {
+        PyBuffer_Release(&o); PyBuffer_Release(&f);
+        return PyErr_Format(PyExc_ValueError, "fds, order: one item per datagram");
+    }
+    Py_ssize_t slots = 16;
+    while (slots < 2 * n) slots *= 2;
+    /* per slot: the fd, its group; per group: its size, then its next place in `order` */
+    int64_t *slot_fd = PyMem_RawMalloc(slots * sizeof(int64_t));
+    Py_ssize_t *slot_group = PyMem_RawMalloc(slots * sizeof(Py_ssize_t));
+    Py_ssize_t *group_of = PyMem_RawMalloc((n ? n : 1) * sizeof(Py_ssize_t));
+    Py_ssize_t *place = PyMem_RawCalloc(n ? n : 1, sizeof(Py_ssize_t));
+    if (!slot_fd || !slot_group || !group_of || !place) {
+        PyMem_RawFree(slot_fd); PyMem_RawFree(slot_group); PyMem_RawFree(group_of);
+        PyMem_RawFree(place);
+        PyBuffer_Release(&o); PyBuffer_Release(&f);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t s = 0; s < slots; s++) slot_group[s] = -1;
+    const int64_t *fds = f.buf;
+    int64_t *order = o.buf;
+    Py_ssize_t groups = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t h = (uint64_t)fds[i] * 0x9E3779B97F4A7C15ULL;
+        Py_ssize_t s = (Py_ssize_t)(h >> 32) & (slots - 1);
+        while (slot_group[s] >= 0 && slot_fd[s] != fds[i]) s = (s + 1) & (slots - 1);
+        if (slot_group[s] < 0) {
+            slot_fd[s] = fds[i];
+            slot_group[s] = groups++;
+        }
+        group_of[i] = slot_group[s];
+        place[group_of[i]]++;
+    }
+    Py_ssize_t at = 0;
+    for (Py_ssize_t g = 0; g < groups; g++) {  /* sizes -> first places */
+        Py_ssize_t size = place[g];
+        place[g] = at;
+        at += size;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) order[place[group_of[i]]++] = i;
+    PyMem_RawFree(slot_fd); PyMem_RawFree(slot_group); PyMem_RawFree(group_of);
+    PyMem_RawFree(place);
+    PyBuffer_Release(&o); PyBuffer_Release(&f);
+    Py_RETURN_NONE;
+}
+
 /* -- classic pcap records ------------------------------------------------------------------ */
 
 #define MAX_CAPLEN 262144 /* collector.capture.MAX_CAPLEN */
@@ -591,6 +653,7 @@ static PyMethodDef methods[] = {
     {"flows_seen", flows_seen, METH_VARARGS, flows_seen_doc},
     {"source_ports", source_ports, METH_VARARGS, source_ports_doc},
     {"send_batch", send_batch, METH_VARARGS, send_batch_doc},
+    {"group_by_fd", group_by_fd, METH_VARARGS, group_by_fd_doc},
     {"pcap_walk", pcap_walk, METH_VARARGS, pcap_walk_doc},
     {"flow_keys", flow_keys, METH_VARARGS, flow_keys_doc},
     {NULL, NULL, 0, NULL},

@@ -196,8 +196,10 @@ class Sender:
             fd_of = self._fds_for(ports[first:last])
             index = np.arange(first, last)
             if grouped and last - first > 1:
-                index = first + _grouped_by_socket(fd_of)
-                fd_of = fd_of[index - first]
+                order = np.empty(last - first, np.int64)
+                fast.group_by_fd(fd_of, order)
+                index = first + order
+                fd_of = fd_of[order]
             chunk_offsets, chunk_lengths = offsets[index], lengths[index]
             done = 0
             while done < last - first:
@@ -337,13 +339,6 @@ class Sender:
         if self._shared is not None:
             self._close(self._shared)
             self._shared = None
-
-
-def _grouped_by_socket(fds: np.ndarray) -> np.ndarray:
-    """The permutation that groups `fds` by value, the groups in the order of their first
-    element and each group in its own order (a stable sort on the first position)."""
-    _, first, inverse = np.unique(fds, return_index=True, return_inverse=True)
-    return np.argsort(first[inverse], kind="stable")
 
 
 def _room_for(pool_size: int) -> int:

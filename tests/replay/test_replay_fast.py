@@ -348,3 +348,15 @@ def test_the_set_of_flows_sent_grows_and_never_merges_colliding_keys(monkeypatch
     assert len(bounded.first_seen(keys, hashes, np.arange(6000))) == 6000
     assert len(bounded.hashes) == 4096 and bounded.stored == 6000 - 3072
     assert len(bounded.first_seen(keys, hashes, np.arange(3072))) == 3072  # forgotten: anew
+
+
+@given(fds=st.lists(st.integers(-1, 40), max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_group_by_fd_is_a_stable_sort_on_first_position(fds):
+    fds = np.array(fds, np.int64)
+    order = np.empty(len(fds), np.int64)
+    compiled.extension("_fastio").group_by_fd(fds, order)
+    first = {}
+    for i, fd in enumerate(fds.tolist()):
+        first.setdefault(fd, i)
+    assert order.tolist() == sorted(range(len(fds)), key=lambda i: first[int(fds[i])])
