@@ -10,13 +10,18 @@ the capture's pace or a tcpreplay-style rate (`timing`), through UDP sockets bou
 source ports (`sender`). `ReplaySummary.format()` prints what tcpreplay users know.
 
 At top speed, a classic pcap of Ethernet frames replayed as VXLAN (no filter, no duration)
-takes a batch path when the compiled `collector._fastio` is there: the records are walked in
-C, the flows of a batch are found once per distinct flow (`flow_keys`, then the same
-`Encapsulator` hash), and the datagrams leave by sendmmsg as the VXLAN header plus a slice of
-the mapped file. It sends the same bytes from the same ports in the same order, and counts
-the same, as the per-record path (tests/replay/test_replay_fast.py compares them).
-`workers` > 1 splits the datagrams by outer source port over that many processes: each flow
-still leaves from one process, in order.
+takes a batch path when the compiled `collector._fastio` is there: the records of the mapped
+file are walked in C (`pcap_walk`), each frame's flow key and outer source port computed in C
+(`flow_keys`, `source_ports`: the `Encapsulator`'s CRC-32 of the same hash key; frames off
+the common case go to flow_of), the flows sent counted in a C hash set (`flows_seen`), and
+the datagrams leave by sendmmsg as the VXLAN header plus a slice of the mapping, grouped by
+socket within each chunk of 4,096 (one call per socket, not per change of socket). It sends
+the same bytes from the same ports, each port's in the same order, and counts the same, as
+the per-record path (tests/replay/test_replay_fast.py compares them); datagrams of
+different ports may leave in another order within a chunk, as they may arrive in one.
+`workers` > 1 splits the datagrams by outer source port over that many processes: each
+flow still leaves from one process, in order; a worker skips another's records right
+after their port is computed.
 
 The modules are sans-I/O except `sender`; this one reads the captures and drives the clock.
 """

@@ -25,9 +25,10 @@ Every datagram is either sent or counted failed:
 
 `send_batch` sends many datagrams in one call: with the compiled `collector._fastio`, one
 sendmmsg(2) per run of datagrams from the same socket, each datagram a shared header and a
-slice of one buffer (nothing is copied); without it, `send` per datagram. Both send the same
-bytes from the same ports in the same order, and count them the same way, with two
-differences. The batch path touches a batch's ports in the order of their last datagram
+slice of one buffer (nothing is copied); without it, `send` per datagram. With `grouped`
+(the replay's batch path) a chunk's datagrams are first grouped by socket, each socket's in
+their order: one sendmmsg per socket of the chunk. Both send the same bytes from the same
+ports, each port's in the same order, and count them the same way, with two differences. The batch path touches a batch's ports in the order of their last datagram
 before sending it, so with more flows than `pool_size` it may close fewer pool sockets
 (`evicted`). And the kernel reports an ICMP port unreachable to the sendmmsg call *after*
 the one that drew it: to a target with nothing listening, fewer datagrams fail (more leave
