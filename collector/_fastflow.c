@@ -552,12 +552,16 @@ typedef struct {
 #define FIN_A 0x04
 #define FIN_B 0x08
 #define END_SHIFT 4 /* 0: open, 1 + END_FIN or 1 + END_RST */
+/* orient: which endpoint initiated, fixed by the first interim export (checkpoint) so that
+ * later pieces, whoever speaks in them, keep the same src and dst */
+#define ORIENT_A 1
+#define ORIENT_B 2
 
 typedef struct {
     Key key;                          /* 56 */
     uint32_t prev, next, heap_pos, gen; /* LRU list (free list: next), heap slot, generation */
     uint16_t flags[2];
-    uint8_t state, pad[3];
+    uint8_t state, orient, pad[2]; /* orient: ORIENT_A/ORIENT_B once a piece was exported */
     int64_t last_ns, deadline;
     Side side[2];
 } Flow; /* 176 bytes */
@@ -792,6 +796,7 @@ static int rows_reserve(Table *t) {
 static bool initiator_is_a(const Flow *f) {
     if (f->state & SYN_A) return true;
     if (f->state & SYN_B) return false;
+    if (f->orient) return f->orient == ORIENT_A;
     if (f->side[1].packets == 0) return true;
     if (f->side[0].packets == 0) return false;
     return f->side[0].first_ns <= f->side[1].first_ns;
@@ -802,16 +807,12 @@ static int flow_reason(const Flow *f, int reason) {
     return closed ? closed - 1 : reason;
 }
 
-/* _end + _export: remove the flow, append its row */
-static int flow_end(Table *t, uint32_t id, int reason) {
+/* _export: append the row of the flow's current piece (what it counted since it started or
+ * since the last checkpoint); a piece without packets (everything was exported by a
+ * checkpoint) has no row */
+static int flow_row(Table *t, const Flow *f, int reason) {
+    if (f->side[0].packets == 0 && f->side[1].packets == 0) return 0;
     if (rows_reserve(t) < 0) return -1;
-    Flow *f = FLOW(t, id);
-    /* find its index slot */
-    size_t i = key_hash(&f->key) & t->index.mask;
-    while (t->index.slots[i] != id + 1) i = (i + 1) & t->index.mask;
-    index_remove_slot(t, &t->index, i, false);
-    lru_unlink(t, id);
-    heap_remove(t, id);
     Row *r = &t->rows[t->nrows++];
     bool a_first = initiator_is_a(f);
     const Side *fwd = &f->side[a_first ? 0 : 1], *rev = &f->side[a_first ? 1 : 0];
@@ -837,6 +838,19 @@ static int flow_end(Table *t, uint32_t id, int reason) {
     r->rev_flags = f->flags[a_first ? 1 : 0];
     r->reason = (uint8_t)reason;
     t->exported[reason]++;
+    return 0;
+}
+
+/* _end: remove the flow, append the row of its last piece */
+static int flow_end(Table *t, uint32_t id, int reason) {
+    Flow *f = FLOW(t, id);
+    if (flow_row(t, f, reason) < 0) return -1;
+    /* find its index slot */
+    size_t i = key_hash(&f->key) & t->index.mask;
+    while (t->index.slots[i] != id + 1) i = (i + 1) & t->index.mask;
+    index_remove_slot(t, &t->index, i, false);
+    lru_unlink(t, id);
+    heap_remove(t, id);
     /* free the record */
     f->next = t->free_head;
     t->free_head = id;
@@ -917,6 +931,7 @@ static int ended_by(Table *t, const Flow *f, int64_t ts) {
     int closed = f->state >> END_SHIFT;
     if (closed) return quiet >= t->linger_ns ? closed - 1 : -1;
     if (quiet >= t->idle_ns) return END_IDLE;
+    if (f->side[0].packets == 0 && f->side[1].packets == 0) return -1; /* checkpointed */
     int64_t first = f->side[0].packets ? f->side[0].first_ns : f->side[1].first_ns;
     if (f->side[1].packets && f->side[1].first_ns < first) first = f->side[1].first_ns;
     if (ts - first >= t->active_ns) return END_ACTIVE;
@@ -1316,6 +1331,41 @@ static PyObject *table_expire(Table *t, PyObject *arg) {
     return PyLong_FromSize_t(t->nrows - before);
 }
 
+/* checkpoint(): the interim export. Every flow with packets since it started or since the
+ * last checkpoint gets a row of that piece ('active', or its close reason), then counts from
+ * zero; the flow stays, with its TCP state and its orientation. A killed process then loses
+ * only what arrived since the last checkpoint, not each flow's whole life (issue 7). */
+static PyObject *table_checkpoint(Table *t, PyObject *unused) {
+    size_t before = t->nrows;
+    for (uint32_t id = t->lru_head; id != NIL; id = FLOW(t, id)->next) {
+        Flow *f = FLOW(t, id);
+        if (f->side[0].packets == 0 && f->side[1].packets == 0) continue;
+        if (flow_row(t, f, flow_reason(f, END_ACTIVE)) < 0) return PyErr_NoMemory();
+        if (!f->orient) f->orient = initiator_is_a(f) ? ORIENT_A : ORIENT_B;
+        memset(f->side, 0, sizeof f->side);
+        f->flags[0] = f->flags[1] = 0;
+    }
+    return PyLong_FromSize_t(t->nrows - before);
+}
+
+/* snapshot(reason_code): a row for every open flow's piece so far, the flows untouched and
+ * not counted as exported: what the journal keeps so that a killed worker's successor can
+ * write them (collector/store/journal.py) */
+static PyObject *table_snapshot(Table *t, PyObject *arg) {
+    long reason = PyLong_AsLong(arg);
+    if (reason == -1 && PyErr_Occurred()) return NULL;
+    if (reason < 0 || reason >= N_END) return PyErr_Format(PyExc_ValueError, "reason %ld", reason);
+    size_t before = t->nrows;
+    for (uint32_t id = t->lru_head; id != NIL; id = FLOW(t, id)->next) {
+        const Flow *f = FLOW(t, id);
+        int why = flow_reason(f, (int)reason);
+        size_t had = t->nrows;
+        if (flow_row(t, f, why) < 0) return PyErr_NoMemory();
+        if (t->nrows > had) t->exported[why]--;
+    }
+    return PyLong_FromSize_t(t->nrows - before);
+}
+
 static PyObject *table_drain(Table *t, PyObject *arg) {
     long reason = PyLong_AsLong(arg);
     if (reason == -1 && PyErr_Occurred()) return NULL;
@@ -1685,6 +1735,10 @@ static PyMethodDef table_methods[] = {
      "add_batch(columns, ts): meter the decoded rows; returns the number of flows that ended"},
     {"expire", (PyCFunction)table_expire, METH_O, "expire(now_ns): end idle/active/closed flows"},
     {"drain", (PyCFunction)table_drain, METH_O, "drain(reason_code): end every flow"},
+    {"snapshot", (PyCFunction)table_snapshot, METH_O,
+     "snapshot(reason_code): rows of every open flow so far, the flows untouched"},
+    {"checkpoint", (PyCFunction)table_checkpoint, METH_NOARGS,
+     "checkpoint(): export every flow's piece so far and keep the flow"},
     {"take", (PyCFunction)table_take, METH_NOARGS, "take(): the ended flows as columns"},
     {"stats", (PyCFunction)table_stats, METH_NOARGS, "stats(): (packets, exported per reason)"},
     {"memory", (PyCFunction)table_memory, METH_NOARGS, "memory(): bytes the table holds"},

@@ -402,6 +402,12 @@ def athena_ddl_command(location, database, table_prefix, start_date) -> None:
 @click.option("--max-flows", metavar="N", help="Active flows per worker.  [default: 1000000]")
 @click.option("--packets/--no-packets", default=None, help="Also write the packets table.")
 @click.option("--packet-bytes", metavar="N", help="With --packets: frame bytes kept.  [default: 128]")
+@click.option("--journal/--no-journal", default=None,
+              help="Journal open flows at every flush, so that a killed worker loses at most "
+                   "one flush interval (its successor writes them, end_reason crash).  [default: on]")
+@click.option("--interim-export/--no-interim-export", default=None,
+              help="At every flush, write each open flow's counts so far as a row (end_reason "
+                   "active) and count on from zero: long flows show up within a flush.  [default: off]")
 @click.option("--collector-id", metavar="ID", help="Written into rows and file names.  [default: host name]")
 @click.option("--min-free", metavar="BYTES", help="Unhealthy below this free space (K/M/G).  [default: 512M]")
 @click.option("--rcvbuf", metavar="BYTES", help="Socket receive buffer (K/M/G).  [default: 64M]")

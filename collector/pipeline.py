@@ -26,6 +26,7 @@ from collector.decode.batch import REASONS
 from collector.flows import FlowConfig, FlowTable, fast
 from collector.flows.table import EndedFlow
 from collector.sessions import SessionRegistry
+from collector.store import journal
 from collector.store.rows import flows_batch, packets_batch, sessions_batch
 from collector.store.writer import DatasetWriter
 
@@ -53,13 +54,28 @@ class Pipeline:
     def __init__(self, data_dir: str | os.PathLike, *, collector_id: str, writer_id: str = "0",
                  registry: SessionRegistry | None = None, flow_config: FlowConfig | None = None,
                  flush_seconds: float = 10.0, max_rows: int = 1_000_000,
-                 packets: bool = False, packet_bytes: int = 256) -> None:
+                 packets: bool = False, packet_bytes: int = 256,
+                 journal: bool = False, interim_export: bool = False) -> None:
         if packet_bytes < 0:
             raise ValueError(f"packet_bytes must be >= 0, got {packet_bytes}")
         self.collector_id = collector_id
         self.registry = registry
         self.compiled = fast.available()
         self.flows = fast.FastFlowTable(flow_config) if self.compiled else FlowTable(flow_config)
+        # Live only, every `flush_seconds` (offline ingest is simply run again):
+        # - journal: the pending rows are written, then the journal is replaced by every open
+        #   flow's counts so far (collector/store/journal.py); a worker killed by SIGKILL or
+        #   the OOM killer then loses what arrived since, not every open flow's whole life
+        #   (active_timeout + flush_seconds), and its successor writes the journal's rows;
+        # - interim export: each open flow's counts so far become a row ('active') and the
+        #   flow counts on from zero, so long flows show up in SQL within a flush interval.
+        self.journal = journal
+        self.interim_export = interim_export
+        self.flush_seconds = flush_seconds
+        self.data_dir = data_dir
+        self._next_interval: float | None = None
+        self.journal_error: str | None = None
+        self.journal_blocked = False  # a predecessor's journal of our writer is not written yet
         self.counters = Counters()
         options = dict(collector_id=collector_id, writer_id=writer_id, max_rows=max_rows,
                        flush_seconds=flush_seconds)
@@ -93,6 +109,16 @@ class Pipeline:
         """Expire flows against `now_ns`; flush files whose age passed `flush_seconds`
         (by `wall`, monotonic seconds, default now)."""
         self._emit(self.flows.expire(now_ns))
+        if self.journal or self.interim_export:
+            wall = time.monotonic() if wall is None else wall
+            if self._next_interval is None:
+                self._next_interval = wall + self.flush_seconds
+            elif wall >= self._next_interval:
+                self._next_interval = wall + self.flush_seconds
+                if self.interim_export:
+                    self._emit(self.flows.checkpoint())
+                self.flow_writer.try_flush(wall)
+                self._write_journal()
         self.flow_writer.tick(wall)
         if self.packet_writer is not None:
             self.packet_writer.tick(wall)
@@ -104,6 +130,7 @@ class Pipeline:
         self.flow_writer.flush()
         if self.packet_writer is not None:
             self.packet_writer.flush()
+        self._write_journal()
 
     def close(self, reason: str = "shutdown") -> None:
         """Export every flow and write everything pending: nothing accepted is lost."""
@@ -111,6 +138,26 @@ class Pipeline:
         self.flow_writer.close()
         if self.packet_writer is not None:
             self.packet_writer.close()
+        if self.journal and not self.journal_blocked:  # every flow is written
+            journal.discard_journal(self.data_dir, self.collector_id, self.flow_writer.writer_id)
+
+    def _write_journal(self) -> None:
+        """Replace the journal by the open flows so far, once every pending row is in a
+        file; while writes fail the old journal stays (its fence still holds)."""
+        if not self.journal or self.journal_blocked or self.flow_writer.pending_rows:
+            return
+        snapshot = self.flows.snapshot()
+        if isinstance(snapshot, fast.EndedFlows):
+            rows = (snapshot.record_batch(self.registry, self.collector_id) if len(snapshot)
+                    else flows_batch([], self.registry, self.collector_id))
+        else:
+            rows = flows_batch(snapshot, self.registry, self.collector_id)
+        try:
+            journal.write_journal(self.data_dir, self.collector_id, self.flow_writer.writer_id,
+                                  rows, self.flow_writer.sequence)
+            self.journal_error = None
+        except OSError as err:
+            self.journal_error = f"{type(err).__name__}: {err}"
 
     def _emit(self, ended: list[EndedFlow] | fast.EndedFlows) -> None:
         if len(ended):

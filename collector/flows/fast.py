@@ -342,6 +342,12 @@ class FastFlowTable:
     def expire(self, now_ns: int) -> EndedFlows:
         return self._take(self._table.expire(int(now_ns)))
 
+    def snapshot(self, reason: str = "shutdown") -> EndedFlows:
+        return self._take(self._table.snapshot(_REASON_CODE[reason]))
+
+    def checkpoint(self) -> EndedFlows:
+        return self._take(self._table.checkpoint())
+
     def drain(self, reason: str = "shutdown") -> EndedFlows:
         return self._take(self._table.drain(_REASON_CODE[reason]))
 

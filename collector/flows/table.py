@@ -78,14 +78,20 @@ class Flow:
     """A flow being metered. `key` = (vni, vlan, inner_vlan, ethertype, ip_version,
     protocol, addr_a, port_a, addr_b, port_b); addresses are 4 or 16 bytes."""
 
-    __slots__ = ("key", "first_ns", "last_ns", "a", "b", "syn_from", "fin_a", "fin_b",
-                 "end_reason", "closing_since", "generation")
+    __slots__ = ("key", "first_ns", "last_ns", "a", "b", "syn_from", "initiator", "fin_a",
+                 "fin_b", "end_reason", "closing_since", "generation")
 
     def __init__(self, key: tuple, ts_ns: int, generation: int) -> None:
         self.key = key
-        self.first_ns = self.last_ns = ts_ns
+        # first_ns: of the piece being counted (None after a checkpoint until the next packet);
+        # last_ns: of the flow, for the idle timeout
+        self.first_ns: int | None = ts_ns
+        self.last_ns = ts_ns
         self.a, self.b = _Side(), _Side()
         self.syn_from: str | None = None  # "a" or "b": who sent the first SYN without ACK
+        # "a" or "b", fixed by the first checkpoint: later pieces keep that orientation
+        # whoever speaks in them
+        self.initiator: str | None = None
         self.fin_a = self.fin_b = False
         self.end_reason: str | None = None  # set by RST / FIN both ways
         self.closing_since: int | None = None
@@ -94,6 +100,8 @@ class Flow:
     def initiator_is_a(self) -> bool:
         if self.syn_from is not None:
             return self.syn_from == "a"
+        if self.initiator is not None:
+            return self.initiator == "a"
         if self.b.first_ns is None:
             return True
         if self.a.first_ns is None:
@@ -225,7 +233,7 @@ class FlowTable:
             # same packets give the same rows live (ticked every poll) and offline.
             reason = self._ended_by(flow, ts)
             if reason is not None:
-                ended.append(self._end(key, flow, reason))
+                ended.extend(self._end(key, flow, reason))
                 flow = None
             else:
                 self._flows.move_to_end(key)
@@ -247,7 +255,7 @@ class FlowTable:
         side.truncated += truncated
         if side.first_ns is None or ts < side.first_ns:
             side.first_ns = ts
-        if ts < flow.first_ns:
+        if flow.first_ns is None or ts < flow.first_ns:
             flow.first_ns = ts
         if ts > flow.last_ns:
             flow.last_ns = ts
@@ -263,7 +271,7 @@ class FlowTable:
             return flow.end_reason if quiet >= self._linger_ns else None
         if quiet >= self._idle_ns:
             return "idle"
-        if ts - flow.first_ns >= self._active_ns:
+        if flow.first_ns is not None and ts - flow.first_ns >= self._active_ns:
             return "active"
         return None
 
@@ -284,17 +292,24 @@ class FlowTable:
     def _start(self, key: tuple, ts: int, ended: list[EndedFlow]) -> Flow:
         while len(self._flows) >= self.config.max_flows:
             old_key, old = next(iter(self._flows.items()))
-            ended.append(self._end(old_key, old, "evicted"))
+            ended.extend(self._end(old_key, old, "evicted"))
         self._generation += 1
         flow = Flow(key, ts, self._generation)
         self._flows[key] = flow
         heapq.heappush(self._deadlines, (ts + self._active_ns, self._generation, key))
         return flow
 
-    def _end(self, key: tuple, flow: Flow, reason: str) -> EndedFlow:
+    def _end(self, key: tuple, flow: Flow, reason: str) -> list[EndedFlow]:
+        """Remove the flow; the row of its last piece, none when a checkpoint exported
+        everything it counted."""
         del self._flows[key]
+        return self._piece(flow, reason)
+
+    def _piece(self, flow: Flow, reason: str) -> list[EndedFlow]:
+        if flow.first_ns is None:  # no packet since the last checkpoint
+            return []
         self.exported[reason] += 1
-        return _export(flow, reason)
+        return [_export(flow, reason)]
 
     def _remember_fragment(self, frag_key: tuple, sport, dport, ts: int) -> None:
         self._fragments[frag_key] = (sport, dport, ts)
@@ -319,21 +334,45 @@ class FlowTable:
                 due.append((key, flow, flow.end_reason))
             elif quiet >= self._idle_ns:
                 due.append((key, flow, "idle"))
-        ended = [self._end(key, flow, reason) for key, flow, reason in due]
+        ended = [row for key, flow, reason in due for row in self._end(key, flow, reason)]
         while self._deadlines and self._deadlines[0][0] <= now_ns:
             _, generation, key = heapq.heappop(self._deadlines)
             flow = self._flows.get(key)
             if flow is not None and flow.generation == generation:
-                ended.append(self._end(key, flow, flow.end_reason or "active"))
+                ended.extend(self._end(key, flow, flow.end_reason or "active"))
         horizon = now_ns - self._fragment_ns
         while self._fragments and next(iter(self._fragments.values()))[2] < horizon:
             self._fragments.popitem(last=False)
         return ended
 
+    def snapshot(self, reason: str = "shutdown") -> list[EndedFlow]:
+        """A row for every open flow's piece so far (closed ones with their close reason),
+        least recently seen first; the flows go on untouched and nothing counts as exported.
+        The journal keeps these so that a killed worker's successor can write them."""
+        return [_export(flow, flow.end_reason or reason)
+                for flow in self._flows.values() if flow.first_ns is not None]
+
+    def checkpoint(self) -> list[EndedFlow]:
+        """The interim export: a row for every flow's piece counted since it started or since
+        the last checkpoint ('active', or its close reason), least recently seen first; each
+        flow then counts from zero and stays, with its TCP state and orientation. A process
+        killed between two checkpoints loses only what arrived since the last one, not every
+        open flow's whole life (issue 7)."""
+        ended: list[EndedFlow] = []
+        for flow in self._flows.values():
+            if flow.first_ns is None:
+                continue
+            ended.extend(self._piece(flow, flow.end_reason or "active"))
+            if flow.initiator is None:
+                flow.initiator = "a" if flow.initiator_is_a() else "b"
+            flow.a, flow.b = _Side(), _Side()
+            flow.first_ns = None
+        return ended
+
     def drain(self, reason: str = "shutdown") -> list[EndedFlow]:
         """Export every flow (end of input or shutdown). Closed flows keep their reason."""
-        ended = [self._end(key, flow, flow.end_reason or reason)
-                 for key, flow in list(self._flows.items())]
+        ended = [row for key, flow in list(self._flows.items())
+                 for row in self._end(key, flow, flow.end_reason or reason)]
         self._deadlines.clear()
         self._fragments.clear()
         return ended

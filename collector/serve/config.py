@@ -58,6 +58,11 @@ class ServeConfig:
     max_flows: int = 1_000_000  # per worker
     packets: bool = False
     packet_bytes: int = 128
+    # every flush_seconds each worker journals its open flows, so that a SIGKILL loses at
+    # most the last flush interval (collector/store/journal.py, docs/robustness.md)
+    journal: bool = True
+    # every flush_seconds each open flow's counts so far are written as a row ('active')
+    interim_export: bool = False
     collector_id: str = field(default_factory=lambda: _host_name())
     min_free: int = 512 * 1024 * 1024  # bytes free in the data directory for health
     rcvbuf: int = 64 * 1024 * 1024  # socket receive buffer per socket
@@ -231,6 +236,8 @@ _CONVERT = {
     "active_timeout": _positive(float),
     "max_flows": _positive(_integer),
     "packets": _bool,
+    "journal": _bool,
+    "interim_export": _bool,
     "packet_bytes": _packet_bytes,
     "collector_id": _collector_id,
     "min_free": _size,

@@ -30,6 +30,7 @@ from collector.pipeline import Pipeline
 from collector.serve.config import ServeConfig
 from collector.serve.logs import RateLimited
 from collector.serve.receiver import Receiver
+from collector.store import journal
 from collector.sessions import SessionRegistry
 
 log = logging.getLogger("collector.serve")
@@ -122,7 +123,8 @@ class Worker:
                 idle_timeout=config.idle_timeout, active_timeout=config.active_timeout,
                 max_flows=config.max_flows),
             flush_seconds=config.flush_seconds, packets=config.packets,
-            packet_bytes=config.packet_bytes)
+            packet_bytes=config.packet_bytes, journal=config.journal,
+            interim_export=config.interim_export)
         self.pipeline.registry = registry  # sessions are stored once, by the supervisor
         for writer in self._writers():
             writer.max_pending_bytes = config.max_pending_bytes
@@ -136,6 +138,52 @@ class Worker:
         self.flush_error: str | None = None
         self._warn = RateLimited(log)
         self._malformed_seen = 0
+        self.flows_recovered = 0
+        # journals of killed workers to write: our own writer's, and worker 0 takes those of
+        # writers this run no longer has (fewer workers than before)
+        self._unrecovered = [f"w{index}"]
+        if index == 0:
+            self._unrecovered += sorted(
+                (w for w in journal.journals(config.data, config.collector_id)
+                 if w.startswith("w") and w[1:].isdigit() and int(w[1:]) >= config.workers),
+                key=lambda w: int(w[1:]))
+        self._recover_at = 0.0
+
+    def _recover(self) -> None:
+        """Write the flows a killed predecessor journaled (end_reason crash). Until our own
+        writer's old journal is written, ours does not replace it; a failure (disk full) is
+        retried every flush interval."""
+        now = time.monotonic()
+        if not self._unrecovered or now < self._recover_at:
+            return
+        self._unrecovered = [w for w in self._unrecovered if journal.journal_path(
+            self.config.data, self.config.collector_id, w).exists()]
+        store = None
+        if self.config.store and self._unrecovered:
+            try:
+                from collector.store.objectstore import open_store
+                store = open_store(self.config.store)
+            except Exception as err:  # unreachable store: the spool alone is searched
+                log.warning("worker %d: journal recovery cannot list %s (%s): files uploaded "
+                            "and removed from the spool in the instant before the kill are "
+                            "not checked", self.index, self.config.store, err)
+        while self._unrecovered:
+            writer_id = self._unrecovered[0]
+            try:
+                rows = journal.recover(self.config.data, self.config.collector_id, writer_id,
+                                       store=store)
+            except OSError as err:
+                self._recover_at = now + self.config.flush_seconds
+                log.error("worker %d: writing the journal of killed writer %s failed, retrying "
+                          "in %.0f s: %s", self.index, writer_id, self.config.flush_seconds, err)
+                break
+            self._unrecovered.pop(0)
+            self.flows_recovered += rows
+            if rows:
+                log.warning("worker %d: wrote %d flows that killed writer %s had journaled "
+                            "(end_reason crash; traffic since its last flush is lost)",
+                            self.index, rows, writer_id)
+        self.pipeline.journal_blocked = f"w{self.index}" in self._unrecovered
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -147,6 +195,7 @@ class Worker:
             poller.register(listener.sock.fileno(), select.POLLIN)
             by_fd[listener.sock.fileno()] = listener
         next_report = 0.0
+        self._recover()
         while not self.stop:
             try:
                 ready = poller.poll(POLL_MS)
@@ -204,6 +253,7 @@ class Worker:
             self._malformed_seen = total
 
     def _tick(self) -> None:
+        self._recover()
         self._check_clock()
         self._guard(self.pipeline.tick, self.clock.now(time.time_ns(), time.monotonic_ns()))
 

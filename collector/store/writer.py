@@ -62,7 +62,7 @@ class DatasetWriter:
     def __init__(self, root: str | os.PathLike, table: str, *, collector_id: str,
                  writer_id: str = "0", max_rows: int = 1_000_000, flush_seconds: float = 10.0,
                  row_group_rows: int = 1024 * 1024, max_pending_bytes: int | None = None,
-                 retry_seconds: float | None = None) -> None:
+                 retry_seconds: float | None = None, first_sequence: int | None = None) -> None:
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
         for label, value in (("collector id", collector_id), ("writer id", writer_id)):
@@ -89,8 +89,16 @@ class DatasetWriter:
         self._oldest: float | None = None  # monotonic time the oldest pending row came in
         self._retry_at = 0.0  # monotonic: no automatic flush before this
         # Sequences start at the wall-clock milliseconds of this writer's start, so that a
-        # restarted collector never reuses a file name.
-        self._sequence = int(time.time() * 1000) * 1000
+        # restarted collector never reuses a file name. `first_sequence`: names fixed by the
+        # caller instead, so that writing the same rows again replaces the same files (the
+        # journal's recovery, collector/store/journal.py).
+        self._sequence = (int(time.time() * 1000) * 1000 if first_sequence is None
+                          else first_sequence)
+
+    @property
+    def sequence(self) -> int:
+        """The sequence of the last file written (files written later have higher ones)."""
+        return self._sequence
 
     def write(self, rows: pa.RecordBatch | pa.Table, now: float | None = None) -> None:
         """Buffer rows (matching the table's schema); flush when `max_rows` are pending."""
@@ -115,6 +123,11 @@ class DatasetWriter:
         now = time.monotonic() if now is None else now
         if self._oldest is not None and now - self._oldest >= self.flush_seconds:
             self._try_flush(now)
+
+    def try_flush(self, now: float | None = None) -> None:
+        """Write every pending row now, as `tick` would once they are old enough (the
+        pipeline's interim export wants its rows on disk at once)."""
+        self._try_flush(time.monotonic() if now is None else now)
 
     def _try_flush(self, now: float) -> None:
         """A flush that `write` or `tick` starts: a failure keeps the rows pending and is

@@ -254,11 +254,15 @@ GAPS = [0, 0, 1, S // 2, S, LINGER * S - 1, LINGER * S, IDLE * S - 1, IDLE * S, 
 
 @st.composite
 def traffic(draw):
-    """Steps: ("batch", [(payload, ts)...]) or ("expire", now); one port for every batch."""
+    """Steps: ("batch", [(payload, ts)...]), ("expire", now) or ("checkpoint", None); one port
+    for every batch."""
     port = draw(st.sampled_from((4789, 4789, 6081)))
     pick = Pick(rng=random.Random(draw(st.integers(0, 2**32))), vlan_ids=(0, 5))
     steps, now = [], 10**12
     for _ in range(draw(st.integers(1, 8))):
+        if draw(st.integers(0, 5)) == 0:
+            steps.append(("checkpoint", None))
+            continue
         if draw(st.integers(0, 3)) == 0:
             now += draw(st.sampled_from(GAPS))
             steps.append(("expire", now))
@@ -286,6 +290,9 @@ def run_both(port, steps, config, final="shutdown"):
     for kind, value in steps:
         if kind == "expire":
             want, got = reference.expire(value), compiled.expire(value)
+        elif kind == "checkpoint":
+            assert compiled.snapshot().flows() == reference.snapshot()
+            want, got = reference.checkpoint(), compiled.checkpoint()
         else:
             buf, lengths = slab([p for p, _ in value], 160)
             ts = np.array([t for _, t in value], dtype=np.int64)
@@ -332,6 +339,9 @@ def conversations(draw):
     """TCP between two hosts (two port pairs): SYN/FIN/RST in any order, at the timeouts."""
     steps, now = [], 10**12
     for _ in range(draw(st.integers(1, 6))):
+        if draw(st.integers(0, 4)) == 0:
+            steps.append(("checkpoint", None))
+            continue
         if draw(st.integers(0, 3)) == 0:
             now += draw(st.sampled_from(GAPS))
             steps.append(("expire", now))

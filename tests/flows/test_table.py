@@ -179,6 +179,8 @@ def test_packets_and_bytes_are_conserved_whatever_the_timeouts(events, idle, act
         ended += table.add(pkt, now)
         if gap % 3 == 0:
             ended += table.expire(now)
+        if gap % 7 == 1:  # the interim export of serve's flushes
+            ended += table.checkpoint()
     ended += table.drain()
     assert sum(f.packets + f.rev_packets for f in ended) == sent_packets == table.packets
     assert sum(f.bytes + f.rev_bytes for f in ended) == sent_bytes
@@ -193,3 +195,40 @@ def test_a_flow_ends_when_its_next_packet_comes_after_the_timeout_without_any_ti
               tcp(*HANDSHAKE[0])]  # the ports reused 3 s after the close: a new connection
     ended = run(FlowTable(FlowConfig(close_linger=2)), closed, step=3 * S)
     assert [(f.end_reason, f.packets + f.rev_packets) for f in ended] == [("fin", 2)]
+
+
+def test_checkpoint_exports_each_open_flows_piece_and_keeps_counting_from_zero():
+    table = FlowTable()
+    run(table, [tcp(*p) for p in HANDSHAKE])
+    (first,) = table.checkpoint()
+    assert (first.packets, first.rev_packets, first.end_reason) == (2, 1, "active")
+    assert (first.first_seen_ns, first.last_seen_ns, first.tcp_flags) == (0, 2 * MS, 0x12)
+    assert table.checkpoint() == [] and len(table) == 1  # nothing new: no row, flow kept
+    table.add(tcp(B, A, 443, 40000, build.ACK, payload=b"x" * 100), 10 * S)
+    (second,) = table.drain()
+    # only the responder spoke in this piece: the orientation is still the connection's
+    assert (second.src_port, second.dst_port) == (40000, 443)
+    assert (second.packets, second.rev_packets, second.rev_bytes) == (0, 1, 140)
+    assert (second.first_seen_ns, second.last_seen_ns, second.rev_tcp_flags) == (10 * S, 10 * S, 0x10)
+    assert table.exported["active"] == 1 and table.exported["shutdown"] == 1
+
+
+def test_checkpoint_keeps_the_orientation_of_a_flow_without_syn():
+    table = FlowTable()
+    table.add(tcp(B, A, 443, 40000, build.ACK), 1 * MS)  # the server spoke first
+    (first,) = table.checkpoint()
+    table.add(tcp(A, B, 40000, 443, build.ACK), 2 * MS)
+    (second,) = table.drain()
+    assert (first.src_port, second.src_port, second.rev_packets) == (443, 443, 1)
+
+
+def test_a_checkpointed_flow_that_goes_quiet_ends_without_an_empty_row():
+    table = FlowTable(FlowConfig(idle_timeout=10, close_linger=2))
+    closed = [tcp(*p) for p in HANDSHAKE] + [tcp(A, B, 40000, 443, build.FIN | build.ACK),
+                                             tcp(B, A, 443, 40000, build.FIN | build.ACK)]
+    run(table, closed)
+    run(table, [tcp(A, B, 50000, 80, build.ACK)])  # another flow, open
+    rows = table.checkpoint()
+    assert sorted(f.end_reason for f in rows) == ["active", "fin"]
+    assert table.expire(60 * S) == [] and len(table) == 0  # both ended, nothing left to say
+    assert table.exported == {**dict.fromkeys(table.exported, 0), "active": 1, "fin": 1}
