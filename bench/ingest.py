@@ -625,7 +625,19 @@ def main() -> None:
         profile(inputs["vxlan"], meta)
 
 
+def compile_tree() -> None:
+    """Byte-compile this tree's package, as pip does when it installs one: a tree edited since
+    its last run, or run with PYTHONDONTWRITEBYTECODE=1 (which this script passes on to its
+    children), would otherwise compile its sources at every start of `collector ingest`
+    (up to 75 ms of a 1,000,000-packet run), which no installed collector does."""
+    import compileall
+
+    if not compileall.compile_dir(ROOT / "collector", quiet=1):
+        print("note: byte-compiling collector/ failed; the runs include compiling it")
+
+
 def run_table(args, meta: dict, inputs: dict[str, Path]) -> None:
+    compile_tree()
     tools = ["collector ingest"]
     if ensure_apt("tshark"):
         tools.append("tshark conv,ip")

@@ -6,6 +6,8 @@ Each command parses its options, calls one library function and prints. Domain e
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import json
 import os
@@ -17,16 +19,35 @@ import click
 
 from collector import __version__
 from collector.capture import CaptureError
-from collector.datagrams import Stats, decode_capture, format_line, header_line, to_json
-from collector.decode import Malformed
-from collector.flows import FlowConfig
 from collector.sessions import SessionRegistry, SessionsError
+
+# A command imports the modules it needs when it runs (numpy, pyarrow and the decoders are
+# most of a short `collector ingest`'s start-up): `import collector.cli` loads click alone.
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="collector")
 def main() -> None:
     """collector: every mirrored flow from AWS VPC Traffic Mirroring, correct, in SQL."""
+    # collector does no linear algebra; numpy's OpenBLAS would start a thread per core at
+    # import, spinning for a while (60-100 ms of CPU per process on 2 cores, taken from the
+    # ingest or the receive loop). Set before any command imports numpy; a user's own
+    # setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+@contextlib.contextmanager
+def _importing():
+    """Imports allocate tens of thousands of objects and free almost none; the cyclic
+    garbage collector would walk them again and again while they load (25 ms of a
+    1,000,000-packet ingest): it is paused for the imports, and resumed after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @main.command("sessions")
@@ -113,6 +134,8 @@ def decode_command(
     Example:
       collector decode --sessions sessions.json capture.pcap
     """
+    from collector.datagrams import Stats, decode_capture, format_line, header_line, to_json
+
     registry = None
     if session_files:
         try:
@@ -147,6 +170,8 @@ def _file_column(text: str, width: int) -> str:
 
 def _session_id(registry: SessionRegistry | None, packet) -> str | None:
     """The id of the session whose VNI the packet carries; None when unknown."""
+    from collector.decode import Malformed
+
     if registry is None or isinstance(packet, Malformed) or packet.vni is None:
         return None
     session = registry.lookup(packet.vni)
@@ -206,8 +231,10 @@ def ingest_command(captures, data_dir, spool, upload_timeout, session_files, vni
       collector ingest capture.pcap --sessions sessions.json --data data
       collector query --data data "SELECT src_addr, sum(bytes) FROM flows GROUP BY 1"
     """
-    from collector.ingest import ingest
-    from collector.pipeline import Pipeline
+    with _importing():
+        from collector.flows import FlowConfig
+        from collector.ingest import ingest
+        from collector.pipeline import Pipeline
 
     registry = _registry(session_files)
     collector_id = collector_id or _default_collector_id()

@@ -8,7 +8,10 @@ after the sender's).
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -333,3 +336,29 @@ def test_packets_table_keeps_only_the_bytes_a_snaplen_kept(tmp_path):
     frame, captured = con.sql("SELECT frame, captured_len FROM packets").fetchone()
     assert frame == inner[:90]
     assert captured == len(inner)  # the frame's length as mirrored; 90 of it kept by the capture
+
+
+# -- the command's process --------------------------------------------------------------------
+
+
+def test_the_cli_loads_click_alone_until_a_command_runs():
+    """numpy, pyarrow and the decoders are most of a short ingest's start-up: a command
+    imports what it needs when it runs (after the group has set OPENBLAS_NUM_THREADS)."""
+    code = ("import sys, collector.cli; "
+            "print(sorted(m for m in ('numpy', 'pyarrow', 'collector.ingest', 'collector.decode') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_python_m_collector_ingest(tmp_path):
+    """The command as the benchmark runs it, in a process of its own: its summary, its rows."""
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-m", "collector", "ingest",
+                          str(FIXTURES / "seed-session.pcap"), "--data", str(data),
+                          "--collector-id", "test"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "3 flows in 1 file(s)" in run.stderr
+    assert flow_rows(data) == SEED_ROWS

@@ -296,7 +296,14 @@ def _partitions(table: pa.Table, column: str):
     """(date, hour) -> rows, by the UTC hour of `column` (NULL times go to 1970-01-01/00)."""
     micros = arrow.int64_values(table[column], null=0)
     hours = micros // 3_600_000_000
-    for hour in np.unique(hours):
+    # The distinct hours, sorted: np.unique's own way, without its import of numpy.ma (15 ms
+    # of a process's start), and without a sort when every row is in one hour (the usual case).
+    if len(hours) == 0 or hours.min() == hours.max():
+        distinct = hours[:1]
+    else:
+        ordered = np.sort(hours)
+        distinct = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+    for hour in distinct:
         rows = np.flatnonzero(hours == hour)
         stamp = np.datetime64(int(hour), "h")
         date, hh = str(stamp.astype("datetime64[D]")), f"{int(hour) % 24:02d}"

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from collector.store.arrow import int64_values, numeric, repeated, strings
+from collector.store.arrow import int64_values, numeric, repeated, strings, take_strings
 
 DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
           np.float64, np.bool_]
@@ -54,6 +54,53 @@ def test_does_not_import_pandas():
             "print('pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@given(st.lists(st.one_of(st.none(), st.text(max_size=12)), min_size=1, max_size=8), st.data())
+def test_take_strings_equals_take(values, data):
+    indices = data.draw(st.lists(st.integers(0, len(values) - 1), max_size=50))
+    got = take_strings(values, np.array(indices, dtype=np.int64))
+    got.validate(full=True)
+    assert got.equals(pa.array(values, type=pa.string()).take(pa.array(indices, pa.int64())))
+
+
+def test_take_strings_refuses_an_index_out_of_range():
+    with pytest.raises(IndexError):
+        take_strings(["a"], np.array([1]))
+    assert take_strings([], np.zeros(0, dtype=np.int64)).to_pylist() == []
+
+
+@pytest.mark.parametrize("kind", [pa.int8(), pa.int16(), pa.int32(), pa.uint8(), pa.uint32(),
+                                  pa.uint64()])
+def test_int64_values_of_narrower_integers(kind):
+    column = pa.array([1, None, 100], kind).slice(1)
+    assert int64_values(column, null=-1).tolist() == [-1, 100]
+
+
+def test_int64_values_refuses_what_int64_cannot_hold():
+    with pytest.raises(OverflowError):
+        int64_values(pa.array([2**63], pa.uint64()))
+    with pytest.raises(TypeError):
+        int64_values(pa.array([1.5]))
+
+
+def test_flows_written_without_pyarrow_compute(tmp_path):
+    """Array.take and Array.cast import pyarrow.compute (50 ms of a process's start): the
+    writer (a partition that is one run of rows, the usual case) and these builders use
+    neither; nor does np.unique's numpy.ma import happen."""
+    code = f"""
+import sys, numpy as np, pyarrow as pa
+from collector.store.arrow import int64_values, numeric, repeated, take_strings
+from collector.store.writer import _partitions
+repeated("c-1", 3); take_strings(["a", None], np.array([1, 0, 1]))
+stamps = numeric(np.array([0, 1, 7_200_000_000], dtype=np.int64)).view(pa.timestamp("us", tz="UTC"))
+int64_values(stamps)
+parts = list(_partitions(pa.table({{"first_seen": stamps}}), "first_seen"))
+assert [key for key, _ in parts] == [("1970-01-01", "00"), ("1970-01-01", "02")], parts
+print(sorted(m for m in ("pyarrow.compute", "numpy.ma", "pandas") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @given(st.lists(st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)), max_size=40),
