@@ -94,6 +94,7 @@ class DatasetWriter:
         # journal's recovery, collector/store/journal.py).
         self._sequence = (int(time.time() * 1000) * 1000 if first_sequence is None
                           else first_sequence)
+        self._fixed_names = first_sequence is not None
 
     @property
     def sequence(self) -> int:
@@ -232,7 +233,8 @@ class DatasetWriter:
             self._sequence += 1
             name = f"{self.collector_id}-{self.writer_id}-{self._sequence}.parquet"
             final = directory / name
-            if not final.exists():
+            # names fixed by `first_sequence` replace what an interrupted run wrote under them
+            if self._fixed_names or not final.exists():
                 break
         temporary = directory / f".{name}.tmp"
         try:
