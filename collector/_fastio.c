@@ -259,64 +259,112 @@ fail_h:
 }
 
 PyDoc_STRVAR(group_by_fd_doc,
-"group_by_fd(fds, order)\n\n"
-"Write into `order` (int64, n) the permutation that groups `fds` (int64, n) by value: the\n"
-"groups in the order of their first element, each group's elements in their order (what\n"
-"a stable sort on each fd's first position gives). send_batch then needs one sendmmsg\n"
-"per socket, not one per change of socket.");
+"group_by_fd(fds, conversations, order)\n\n"
+"Write into `order` (int64, n) a permutation of the datagrams that sends them in long runs\n"
+"of one socket (`fds`, int64, n), so that send_batch needs few sendmmsg calls, while every\n"
+"socket's datagrams and every conversation's (`conversations`, int64 ids, n: both\n"
+"directions of a flow, which may leave from two sockets) keep their order. The sockets\n"
+"take turns, first in the order of their first datagram: each sends its datagrams while\n"
+"the next one's conversation has nothing earlier left to send, then waits until it has.");
+
+/* An open-addressing map from int64 keys to dense indices 0, 1, ... in first-seen order. */
+typedef struct {
+    int64_t *key;
+    Py_ssize_t *index, mask, count;
+} Dense;
+
+static Py_ssize_t dense_index(Dense *m, int64_t key, int *fresh) {
+    Py_ssize_t s = (Py_ssize_t)(((uint64_t)key * 0x9E3779B97F4A7C15ULL) >> 32) & m->mask;
+    while (m->index[s] >= 0 && m->key[s] != key) s = (s + 1) & m->mask;
+    *fresh = m->index[s] < 0;
+    if (*fresh) {
+        m->key[s] = key;
+        m->index[s] = m->count++;
+    }
+    return m->index[s];
+}
 
 static PyObject *group_by_fd(PyObject *self, PyObject *args) {
-    PyObject *o1, *o2;
-    if (!PyArg_ParseTuple(args, "OO", &o1, &o2)) return NULL;
-    Py_buffer f, o;
+    PyObject *o1, *o2, *o3;
+    if (!PyArg_ParseTuple(args, "OOO", &o1, &o2, &o3)) return NULL;
+    Py_buffer f, c, o;
     if (get_buffer(o1, &f, 0, 8, "fds") < 0) return NULL;
-    if (get_buffer(o2, &o, 1, 8, "order") < 0) {
+    if (get_buffer(o2, &c, 0, 8, "conversations") < 0) {
         PyBuffer_Release(&f);
         return NULL;
     }
-    Py_ssize_t n = items(&f);
-    if (items(&o) != n) {
-        PyBuffer_Release(&o); PyBuffer_Release(&f);
-        return PyErr_Format(PyExc_ValueError, "fds, order: one item per datagram");
+    if (get_buffer(o3, &o, 1, 8, "order") < 0) {
+        PyBuffer_Release(&c); PyBuffer_Release(&f);
+        return NULL;
     }
-    Py_ssize_t slots = 16;
+    Py_ssize_t n = items(&f);
+    if (items(&o) != n || items(&c) != n) {
+        PyBuffer_Release(&o); PyBuffer_Release(&c); PyBuffer_Release(&f);
+        return PyErr_Format(PyExc_ValueError, "fds, conversations, order: one per datagram");
+    }
+    Py_ssize_t slots = 16, m = n ? n : 1;
     while (slots < 2 * n) slots *= 2;
-    /* per slot: the fd, its group; per group: its size, then its next place in `order` */
-    int64_t *slot_fd = PyMem_RawMalloc(slots * sizeof(int64_t));
-    Py_ssize_t *slot_group = PyMem_RawMalloc(slots * sizeof(Py_ssize_t));
-    Py_ssize_t *group_of = PyMem_RawMalloc((n ? n : 1) * sizeof(Py_ssize_t));
-    Py_ssize_t *place = PyMem_RawCalloc(n ? n : 1, sizeof(Py_ssize_t));
-    if (!slot_fd || !slot_group || !group_of || !place) {
-        PyMem_RawFree(slot_fd); PyMem_RawFree(slot_group); PyMem_RawFree(group_of);
-        PyMem_RawFree(place);
-        PyBuffer_Release(&o); PyBuffer_Release(&f);
+    /* One block: the two maps; per datagram its socket and conversation and the next
+     * datagram of each; per socket its list's head and tail and whether it has a turn
+     * queued; per conversation its list's head and tail; the queue of turns (a ring). */
+    size_t words = 4 * (size_t)slots + 12 * (size_t)m;
+    Py_ssize_t *block = PyMem_RawMalloc(words * sizeof(Py_ssize_t));
+    if (!block) {
+        PyBuffer_Release(&o); PyBuffer_Release(&c); PyBuffer_Release(&f);
         return PyErr_NoMemory();
     }
-    for (Py_ssize_t s = 0; s < slots; s++) slot_group[s] = -1;
-    const int64_t *fds = f.buf;
+    Py_ssize_t *w = block;
+    Dense sockets = {(int64_t *)w, w + slots, slots - 1, 0};
+    w += 2 * slots;
+    Dense talks = {(int64_t *)w, w + slots, slots - 1, 0};
+    w += 2 * slots;
+    Py_ssize_t *sock_of = w, *talk_of = w + m, *sock_next = w + 2 * m, *talk_next = w + 3 * m;
+    Py_ssize_t *sock_head = w + 4 * m, *sock_tail = w + 5 * m, *queued = w + 6 * m;
+    Py_ssize_t *talk_head = w + 7 * m, *talk_tail = w + 8 * m, *turns = w + 9 * m;
+    for (Py_ssize_t s = 0; s < slots; s++) sockets.index[s] = talks.index[s] = -1;
+    const int64_t *fds = f.buf, *convs = c.buf;
     int64_t *order = o.buf;
-    Py_ssize_t groups = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t h = (uint64_t)fds[i] * 0x9E3779B97F4A7C15ULL;
-        Py_ssize_t s = (Py_ssize_t)(h >> 32) & (slots - 1);
-        while (slot_group[s] >= 0 && slot_fd[s] != fds[i]) s = (s + 1) & (slots - 1);
-        if (slot_group[s] < 0) {
-            slot_fd[s] = fds[i];
-            slot_group[s] = groups++;
+    Py_ssize_t first = 0, last = 0;  /* the turn queue: turns[first % m .. last % m) */
+    for (Py_ssize_t i = 0; i < n; i++) {  /* the lists, in datagram order */
+        int fresh_socket, fresh_talk;
+        Py_ssize_t s = dense_index(&sockets, fds[i], &fresh_socket);
+        Py_ssize_t t = dense_index(&talks, convs[i], &fresh_talk);
+        sock_of[i] = s;
+        talk_of[i] = t;
+        sock_next[i] = talk_next[i] = -1;
+        if (fresh_socket) {
+            sock_head[s] = i;
+            queued[s] = 1;  /* every socket's first turn, in first-datagram order */
+            turns[last++ % m] = s;
+        } else {
+            sock_next[sock_tail[s]] = i;
         }
-        group_of[i] = slot_group[s];
-        place[group_of[i]]++;
+        sock_tail[s] = i;
+        if (fresh_talk) talk_head[t] = i;
+        else talk_next[talk_tail[t]] = i;
+        talk_tail[t] = i;
     }
-    Py_ssize_t at = 0;
-    for (Py_ssize_t g = 0; g < groups; g++) {  /* sizes -> first places */
-        Py_ssize_t size = place[g];
-        place[g] = at;
-        at += size;
+    Py_ssize_t placed = 0;
+    while (first < last) {
+        Py_ssize_t s = turns[first++ % m];
+        queued[s] = 0;
+        /* this socket sends while its next datagram is its conversation's next one */
+        for (Py_ssize_t i = sock_head[s]; i >= 0 && talk_head[talk_of[i]] == i;
+             i = sock_head[s]) {
+            order[placed++] = i;
+            sock_head[s] = sock_next[i];
+            Py_ssize_t j = talk_head[talk_of[i]] = talk_next[i];
+            /* the conversation's next datagram may be another socket's next: its turn */
+            if (j >= 0 && sock_of[j] != s && sock_head[sock_of[j]] == j && !queued[sock_of[j]]) {
+                queued[sock_of[j]] = 1;
+                turns[last++ % m] = sock_of[j];
+            }
+        }
     }
-    for (Py_ssize_t i = 0; i < n; i++) order[place[group_of[i]]++] = i;
-    PyMem_RawFree(slot_fd); PyMem_RawFree(slot_group); PyMem_RawFree(group_of);
-    PyMem_RawFree(place);
-    PyBuffer_Release(&o); PyBuffer_Release(&f);
+    PyMem_RawFree(block);
+    PyBuffer_Release(&o); PyBuffer_Release(&c); PyBuffer_Release(&f);
+    if (placed != n)  /* cannot be: the earliest datagram not placed is always ready */
+        return PyErr_Format(PyExc_RuntimeError, "group_by_fd placed %zd of %zd", placed, n);
     Py_RETURN_NONE;
 }
 
@@ -514,33 +562,54 @@ PyDoc_STRVAR(source_ports_doc,
 "collector.replay.encap.source_port gives the frame's flow: 49152 + the low 14 bits of the\n"
 "CRC-32 of Flow.hash_key() (TCP: the symmetric key, its endpoints in byte order; UDP:\n"
 "addresses and ports by direction; ICMP: addresses, then type and code). -1 for an\n"
-"all-zero row (the caller asks flow_of). `ports`: int64, n.");
+"all-zero row (the caller asks flow_of). `ports`: int64, n. `conversations` (int64, n),\n"
+"when given, gets an id of each row's conversation (the same for both directions of a\n"
+"flow: a hash of its symmetric key; 0 for an all-zero row), for group_by_fd.");
 
 static PyObject *source_ports(PyObject *self, PyObject *args) {
-    PyObject *o1, *o2;
-    if (!PyArg_ParseTuple(args, "OO", &o1, &o2)) return NULL;
-    Py_buffer k, p;
+    PyObject *o1, *o2, *o3 = Py_None;
+    if (!PyArg_ParseTuple(args, "OO|O", &o1, &o2, &o3)) return NULL;
+    Py_buffer k, p, cv = {0};
     if (get_buffer(o1, &k, 0, 1, "keys") < 0) return NULL;
     if (get_buffer(o2, &p, 1, 8, "ports") < 0) {
         PyBuffer_Release(&k);
         return NULL;
     }
-    Py_ssize_t n = items(&p);
-    if (k.len != n * KEY_LEN) {
+    if (o3 != Py_None && get_buffer(o3, &cv, 1, 8, "conversations") < 0) {
         PyBuffer_Release(&p); PyBuffer_Release(&k);
-        return PyErr_Format(PyExc_ValueError, "keys (n x 40), ports (n): one row per frame");
+        return NULL;
+    }
+    Py_ssize_t n = items(&p);
+    if (k.len != n * KEY_LEN || (cv.obj && items(&cv) != n)) {
+        if (cv.obj) PyBuffer_Release(&cv);
+        PyBuffer_Release(&p); PyBuffer_Release(&k);
+        return PyErr_Format(PyExc_ValueError,
+                            "keys (n x 40), ports (n), conversations (n): one row per frame");
     }
     const uint8_t *keys = k.buf;
-    int64_t *ports = p.buf;
+    int64_t *ports = p.buf, *conversations = cv.obj ? cv.buf : NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         const uint8_t *key = keys + i * KEY_LEN;
         if (!key[0]) {
             ports[i] = -1;
+            if (conversations) conversations[i] = 0;
             continue;
         }
         size_t alen = key[0] == 4 ? 4 : 16;
         const uint8_t *src = key + 6, *dst = key + 22;
         unsigned proto = key[1];
+        if (conversations) {  /* both directions alike: FNV-1a of proto, lower, higher end */
+            uint8_t a[18], b[18];
+            size_t elen = alen + ((proto == 6 || proto == 17) ? 2 : 0);
+            memcpy(a, src, alen); memcpy(a + alen, key + 2, 2);
+            memcpy(b, dst, alen); memcpy(b + alen, key + 4, 2);
+            int a_low = memcmp(a, b, elen) <= 0;
+            uint64_t h = 1469598103934665603ULL;
+            h = (h ^ proto) * 1099511628211ULL;
+            for (size_t j = 0; j < elen; j++) h = (h ^ (a_low ? a : b)[j]) * 1099511628211ULL;
+            for (size_t j = 0; j < elen; j++) h = (h ^ (a_low ? b : a)[j]) * 1099511628211ULL;
+            conversations[i] = (int64_t)(h >> 1);
+        }
         uint8_t buf[2 + 2 * (16 + 2) + 1], *w = buf;
         if (proto == 6) {  /* "S" proto low "|" high, each endpoint address + port */
             uint8_t a[18], b[18];
@@ -565,6 +634,7 @@ static PyObject *source_ports(PyObject *self, PyObject *args) {
         }
         ports[i] = 49152 + (crc32_of(buf, (size_t)(w - buf)) & 0x3FFF);
     }
+    if (cv.obj) PyBuffer_Release(&cv);
     PyBuffer_Release(&p); PyBuffer_Release(&k);
     Py_RETURN_NONE;
 }

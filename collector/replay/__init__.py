@@ -508,7 +508,7 @@ class _Run:
         keep_bytes = encapsulator.packet_length or (1 << 62)
         index, count = self.share or (0, 1)
         big = _PCAP_MAGICS[int.from_bytes(data[:4], "little")][0] == ">"
-        offsets, caplens, wirelens, ports = (np.empty(BATCH, np.int64) for _ in range(4))
+        offsets, caplens, wirelens, ports, flows = (np.empty(BATCH, np.int64) for _ in range(5))
         keys = np.empty((BATCH, _KEY_LEN), np.uint8)
         key_hashes = np.empty(BATCH, np.uint64)
         if self._known_keys is None:
@@ -524,17 +524,20 @@ class _Run:
                     if status:  # a faulty record at `pos`: what came before it was sent
                         _raise_capture_error(path, pos)
                     return False
-                off, cap, wire, port = offsets[:n], caplens[:n], wirelens[:n], ports[:n]
+                off, cap, wire, port, flow = (offsets[:n], caplens[:n], wirelens[:n], ports[:n],
+                                              flows[:n])
                 usable = cap >= 14  # shorter: no Ethernet header (`ethernet_frame`)
                 fast.flow_keys(data, off, cap, keys[:n], key_hashes[:n])
                 # the outer source port in C for the common case (-1: ask flow_of), so that a
-                # worker looks no further at the records of another worker's ports
-                fast.source_ports(keys[:n], port)
+                # worker looks no further at the records of another worker's ports; and an
+                # id of each frame's conversation, which sending keeps in order
+                fast.source_ports(keys[:n], port, flow)
                 simple = port >= 0
                 conversations: dict = {}
                 for i in np.flatnonzero(~simple & usable):  # VLAN tags, extension headers,
                     # cut headers, non-IP: flow_of per frame
                     port[i], conversations[i] = hashes(flow_of(view[off[i]:off[i] + cap[i]]))
+                    flow[i] = hash(conversations[i])
                 send = usable.copy()
                 if count > 1:
                     send &= port % count == index
@@ -552,7 +555,7 @@ class _Run:
                 chosen = np.flatnonzero(send)
                 lengths = np.minimum(cap[chosen], keep_bytes)
                 failed = sender.send_batch(data, off[chosen], lengths, port[chosen], header,
-                                           grouped=True)
+                                           conversations=flow[chosen])
                 for conversation in known.first_seen(keys, key_hashes, chosen[simple[chosen]]):
                     remember((vni, conversation))
                 for i in chosen[~simple[chosen]]:

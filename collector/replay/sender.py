@@ -25,9 +25,10 @@ Every datagram is either sent or counted failed:
 
 `send_batch` sends many datagrams in one call: with the compiled `collector._fastio`, one
 sendmmsg(2) per run of datagrams from the same socket, each datagram a shared header and a
-slice of one buffer (nothing is copied); without it, `send` per datagram. With `grouped`
-(the replay's batch path) a chunk's datagrams are first grouped by socket, each socket's in
-their order: one sendmmsg per socket of the chunk. Both send the same bytes from the same
+slice of one buffer (nothing is copied); without it, `send` per datagram. Given the
+datagrams' conversations (the replay's batch path), a chunk's datagrams are first grouped by
+socket as far as each socket's and each conversation's order allows: one sendmmsg carries
+many datagrams. Both send the same bytes from the same
 ports, each port's in the same order, and count them the same way, with two differences. The batch path touches a batch's ports in the order of their last datagram
 before sending it, so with more flows than `pool_size` it may close fewer pool sockets
 (`evicted`). And the kernel reports an ICMP port unreachable to the sendmmsg call *after*
@@ -166,16 +167,19 @@ class Sender:
 
     def send_batch(self, data, offsets: np.ndarray, lengths: np.ndarray, ports: np.ndarray,
                    header: bytes = b"", *, fastio: bool | None = None,
-                   grouped: bool = False) -> np.ndarray:
+                   conversations: np.ndarray | None = None) -> np.ndarray:
         """Send datagram i = `header` + data[offsets[i] : offsets[i] + lengths[i]] from source
         port ports[i], in order (int64 arrays; `data` any buffer). Returns the indices of the
         datagrams counted failed (usually none). `fastio` False forces the per-datagram path.
 
-        `grouped`: on the compiled path, each chunk's datagrams leave grouped by socket (the
-        sockets in the order of their first datagram, each socket's in their order), so that
-        one sendmmsg call carries all of a socket's datagrams of the chunk, not one call per
-        change of socket: every source port's datagrams keep their order, datagrams of
-        different ports may leave in another order (as they may arrive in one anyway)."""
+        `conversations` (int64 ids, one per datagram: the same for both directions of a flow),
+        when given, lets the compiled path group each chunk's datagrams by socket
+        (`collector._fastio.group_by_fd`), so that one sendmmsg call carries many of a
+        socket's datagrams, not one call per change of socket: every source port's and
+        every conversation's datagrams keep their order; datagrams of different
+        conversations and ports may leave in another order (as they may arrive in one)."""
+        if conversations is not None:
+            conversations = np.ascontiguousarray(conversations, dtype=np.int64)
         offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         ports = np.ascontiguousarray(ports, dtype=np.int64)
@@ -196,9 +200,9 @@ class Sender:
             last = min(first + step, len(ports))
             fd_of = self._fds_for(ports[first:last])
             index = np.arange(first, last)
-            if grouped and last - first > 1:
+            if conversations is not None and last - first > 1:
                 order = np.empty(last - first, np.int64)
-                fast.group_by_fd(fd_of, order)
+                fast.group_by_fd(fd_of, conversations[first:last], order)
                 index = first + order
                 fd_of = fd_of[order]
             chunk_offsets, chunk_lengths = offsets[index], lengths[index]

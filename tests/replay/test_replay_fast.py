@@ -303,6 +303,21 @@ def _any_frame(draw):
     return bytes(12) + b"\x08\x00" + ip + bytes(2) + src + dst + l4
 
 
+def _reversed(frame: bytes) -> bytes:
+    """The frame with its IP addresses and its first two 16-bit L4 fields (the ports) swapped,
+    as the other direction of its flow sends it (no IP options: as `_any_frame` makes them)."""
+    if frame[12:14] == b"\x08\x00" and len(frame) >= 38:
+        src, dst, l4 = slice(26, 30), slice(30, 34), 34
+    elif frame[12:14] == b"\x86\xdd" and len(frame) >= 58:
+        src, dst, l4 = slice(22, 38), slice(38, 54), 54
+    else:
+        return frame
+    out = bytearray(frame)
+    out[src], out[dst] = frame[dst], frame[src]
+    out[l4:l4 + 2], out[l4 + 2:l4 + 4] = frame[l4 + 2:l4 + 4], frame[l4:l4 + 2]
+    return bytes(out)
+
+
 @given(frames=st.lists(_any_frame(), min_size=1, max_size=20))
 @settings(max_examples=300, deadline=None)
 def test_source_ports_and_conversations_of_flow_keys_are_the_encapsulators(frames):
@@ -310,19 +325,23 @@ def test_source_ports_and_conversations_of_flow_keys_are_the_encapsulators(frame
     and -1 only for the rows flow_keys leaves to flow_of (all zeros); the conversation read
     off a row is the flow's symmetric key."""
     fast = compiled.extension("_fastio")
+    frames = frames + [_reversed(frame) for frame in frames]  # both directions: one id
     data = b"".join(frames)
     lengths = np.array([len(f) for f in frames], np.int64)
     offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
     keys = np.zeros((len(frames), 40), np.uint8)
     fast.flow_keys(data, offsets, lengths, keys)
-    ports = np.empty(len(frames), np.int64)
-    fast.source_ports(keys, ports)
-    for frame, key, port in zip(frames, keys, ports):
+    ports, ids = np.empty(len(frames), np.int64), np.empty(len(frames), np.int64)
+    fast.source_ports(keys, ports, ids)
+    id_of = {}
+    for frame, key, port, conversation_id in zip(frames, keys, ports, ids):
         if not key.any():
             assert port == -1
         else:
             assert port == source_port(flow_of(frame))
-            assert _conversation(key.tobytes()) == flow_of(frame).symmetric_key()
+            conversation = flow_of(frame).symmetric_key()
+            assert _conversation(key.tobytes()) == conversation
+            assert id_of.setdefault(conversation, conversation_id) == conversation_id
 
 
 def test_the_set_of_flows_sent_grows_and_never_merges_colliding_keys(monkeypatch):
@@ -350,12 +369,22 @@ def test_the_set_of_flows_sent_grows_and_never_merges_colliding_keys(monkeypatch
     assert len(bounded.first_seen(keys, hashes, np.arange(3072))) == 3072  # forgotten: anew
 
 
-@given(fds=st.lists(st.integers(-1, 40), max_size=300))
-@settings(max_examples=200, deadline=None)
-def test_group_by_fd_is_a_stable_sort_on_first_position(fds):
-    fds = np.array(fds, np.int64)
+@given(datagrams=st.lists(st.tuples(st.integers(-1, 12), st.integers(0, 12)), max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_group_by_fd_keeps_each_sockets_and_each_conversations_order(datagrams):
+    """The permutation keeps every fd's and every conversation's datagrams in order; with
+    every conversation on one fd it is the stable sort on each fd's first position."""
+    fast = compiled.extension("_fastio")
+    fds = np.array([fd for fd, _ in datagrams], np.int64)
+    conversations = np.array([c for _, c in datagrams], np.int64)
     order = np.empty(len(fds), np.int64)
-    compiled.extension("_fastio").group_by_fd(fds, order)
+    fast.group_by_fd(fds, conversations, order)
+    assert sorted(order.tolist()) == list(range(len(fds)))
+    for values in (fds, conversations):
+        for value in set(values.tolist()):
+            picked = [i for i in order.tolist() if values[i] == value]
+            assert picked == sorted(picked)
+    fast.group_by_fd(fds, fds, order)  # a conversation per fd: one window
     first = {}
     for i, fd in enumerate(fds.tolist()):
         first.setdefault(fd, i)
