@@ -1565,7 +1565,12 @@ static inline int64_t floor_div(int64_t a, int64_t b) {
     T *var = (T *)PyBytes_AS_STRING(var##_obj);
 
 /* take() -> tuple of bytes columns of the flows ended since the last take (see fast.py) */
-static PyObject *table_take(Table *t, PyObject *unused) {
+static PyObject *table_take(Table *t, PyObject *args) {
+    /* with_community_id false: the Community ID column is left NULL, its SHA-1 being most of
+     * this function's time; the journal (written every flush interval) fills it only when a
+     * killed worker's flows are recovered */
+    int with_cid = 1;
+    if (!PyArg_ParseTuple(args, "|p", &with_cid)) return NULL;
     size_t n = t->nrows;
     const int NOUT = 35;
     PyObject *out = PyTuple_New(NOUT);
@@ -1636,7 +1641,7 @@ static PyObject *table_take(Table *t, PyObject *unused) {
         if (text_put(&texts[0], text, len) < 0) goto fail;
         len = dst_ok[i] ? ip_text(text, r->dst, r->version) : 0;
         if (text_put(&texts[1], text, len) < 0) goto fail;
-        len = community_id(r, text);
+        len = with_cid ? community_id(r, text) : 0;
         cid_ok[i] = len > 0;
         if (text_put(&texts[2], text, len) < 0) goto fail;
         for (int j = 0; j < 3; j++) offsets[j][i + 1] = (int32_t)texts[j].len;
@@ -1739,7 +1744,8 @@ static PyMethodDef table_methods[] = {
      "snapshot(reason_code): rows of every open flow so far, the flows untouched"},
     {"checkpoint", (PyCFunction)table_checkpoint, METH_NOARGS,
      "checkpoint(): export every flow's piece so far and keep the flow"},
-    {"take", (PyCFunction)table_take, METH_NOARGS, "take(): the ended flows as columns"},
+    {"take", (PyCFunction)table_take, METH_VARARGS,
+     "take(with_community_id=True): the ended flows as columns"},
     {"stats", (PyCFunction)table_stats, METH_NOARGS, "stats(): (packets, exported per reason)"},
     {"memory", (PyCFunction)table_memory, METH_NOARGS, "memory(): bytes the table holds"},
     {NULL, NULL, 0, NULL},

@@ -75,7 +75,6 @@ class Pipeline:
         self.data_dir = data_dir
         self._next_interval: float | None = None
         self.journal_error: str | None = None
-        self.journal_blocked = False  # a predecessor's journal of our writer is not written yet
         self.counters = Counters()
         options = dict(collector_id=collector_id, writer_id=writer_id, max_rows=max_rows,
                        flush_seconds=flush_seconds)
@@ -138,15 +137,18 @@ class Pipeline:
         self.flow_writer.close()
         if self.packet_writer is not None:
             self.packet_writer.close()
-        if self.journal and not self.journal_blocked:  # every flow is written
+        if self.journal:  # every flow is written
             journal.discard_journal(self.data_dir, self.collector_id, self.flow_writer.writer_id)
 
     def _write_journal(self) -> None:
         """Replace the journal by the open flows so far, once every pending row is in a
         file; while writes fail the old journal stays (its fence still holds)."""
-        if not self.journal or self.journal_blocked or self.flow_writer.pending_rows:
+        if not self.journal or self.flow_writer.pending_rows:
             return
-        snapshot = self.flows.snapshot()
+        if isinstance(self.flows, fast.FastFlowTable):  # Community IDs filled at recovery
+            snapshot = self.flows.snapshot(community_id=False)
+        else:
+            snapshot = self.flows.snapshot()
         if isinstance(snapshot, fast.EndedFlows):
             rows = (snapshot.record_batch(self.registry, self.collector_id) if len(snapshot)
                     else flows_batch([], self.registry, self.collector_id))

@@ -270,6 +270,12 @@ class _Metrics:
                                 value=sum(getattr(s, "rows_pending", 0) for s in live))
         yield total("collector_clock_steps", "wall-clock steps seen by the workers (active "
                     "flows exported at each)", "clock_steps")
+        yield total("collector_flows_recovered", "flows written from the journal of a killed "
+                    "worker (end_reason crash)", "flows_recovered")
+        yield GaugeMetricFamily(
+            "collector_journal_failing", "workers whose last journal write failed (a kill "
+            "would lose more than a flush interval)",
+            value=sum(1 for s in live if getattr(s, "journal_error", None)))
         flush = GaugeMetricFamily("collector_flush_duration_seconds", "duration of each worker's last flush",
                                   labels=["worker"])
         for s in live:

@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -105,6 +106,8 @@ class Snapshot:
     rows_pending: int = 0  # rows waiting in memory for a write that works
     rows_dropped: dict = field(default_factory=dict)  # (table, reason) -> rows dropped
     clock_steps: int = 0
+    flows_recovered: int = 0  # from killed workers' journals
+    journal_error: str | None = None
     sessions_loaded: int = 0
     stopping: bool = False
     flushed: int = 0  # the last flush request (POST /flush) this worker completed
@@ -139,27 +142,31 @@ class Worker:
         self._warn = RateLimited(log)
         self._malformed_seen = 0
         self.flows_recovered = 0
-        # journals of killed workers to write: our own writer's, and worker 0 takes those of
-        # writers this run no longer has (fewer workers than before)
-        self._unrecovered = [f"w{index}"]
-        if index == 0:
-            self._unrecovered += sorted(
+        self._recovery: threading.Thread | None = None
+
+    def _start_recovery(self) -> None:
+        """Claim the journals killed writers left (our writer's; worker 0 also takes those of
+        writers this run no longer has: fewer workers than before) and write their flows
+        (end_reason crash) in a thread: receiving starts at once, and our own journal goes
+        under our writer's name from the first flush interval."""
+        config = self.config
+        writers = [f"w{self.index}"]
+        if self.index == 0:
+            writers += sorted(
                 (w for w in journal.journals(config.data, config.collector_id)
                  if w.startswith("w") and w[1:].isdigit() and int(w[1:]) >= config.workers),
                 key=lambda w: int(w[1:]))
-        self._recover_at = 0.0
+        work = [(w, path) for w in writers for path in journal.claim(config.data, config.collector_id, w)]
+        if work:
+            self._recovery = threading.Thread(target=self._recover, args=(work,),
+                                              name="journal-recovery", daemon=True)
+            self._recovery.start()
 
-    def _recover(self) -> None:
-        """Write the flows a killed predecessor journaled (end_reason crash). Until our own
-        writer's old journal is written, ours does not replace it; a failure (disk full) is
-        retried every flush interval."""
-        now = time.monotonic()
-        if not self._unrecovered or now < self._recover_at:
-            return
-        self._unrecovered = [w for w in self._unrecovered if journal.journal_path(
-            self.config.data, self.config.collector_id, w).exists()]
+    def _recover(self, work: list) -> None:
+        """A failure (disk full) is retried every flush interval; a stop leaves the claimed
+        journal for the next start, which writes the same files again."""
         store = None
-        if self.config.store and self._unrecovered:
+        if self.config.store:
             try:
                 from collector.store.objectstore import open_store
                 store = open_store(self.config.store)
@@ -167,23 +174,22 @@ class Worker:
                 log.warning("worker %d: journal recovery cannot list %s (%s): files uploaded "
                             "and removed from the spool in the instant before the kill are "
                             "not checked", self.index, self.config.store, err)
-        while self._unrecovered:
-            writer_id = self._unrecovered[0]
+        while work and not self.stop:
+            writer_id, path = work[0]
             try:
-                rows = journal.recover(self.config.data, self.config.collector_id, writer_id,
-                                       store=store)
+                rows = journal.recover_claimed(path, self.config.data, self.config.collector_id,
+                                               writer_id, store=store)
             except OSError as err:
-                self._recover_at = now + self.config.flush_seconds
                 log.error("worker %d: writing the journal of killed writer %s failed, retrying "
                           "in %.0f s: %s", self.index, writer_id, self.config.flush_seconds, err)
-                break
-            self._unrecovered.pop(0)
+                time.sleep(self.config.flush_seconds)
+                continue
+            work.pop(0)
             self.flows_recovered += rows
             if rows:
                 log.warning("worker %d: wrote %d flows that killed writer %s had journaled "
                             "(end_reason crash; traffic since its last flush is lost)",
                             self.index, rows, writer_id)
-        self.pipeline.journal_blocked = f"w{self.index}" in self._unrecovered
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -195,7 +201,7 @@ class Worker:
             poller.register(listener.sock.fileno(), select.POLLIN)
             by_fd[listener.sock.fileno()] = listener
         next_report = 0.0
-        self._recover()
+        self._start_recovery()
         while not self.stop:
             try:
                 ready = poller.poll(POLL_MS)
@@ -253,9 +259,12 @@ class Worker:
             self._malformed_seen = total
 
     def _tick(self) -> None:
-        self._recover()
         self._check_clock()
         self._guard(self.pipeline.tick, self.clock.now(time.time_ns(), time.monotonic_ns()))
+        if self.pipeline.journal_error:
+            self._warn.warning("journal", "worker %d: writing its flow journal to %s failed (%s): "
+                               "a kill now loses more than a flush interval",
+                               self.index, self.config.data, self.pipeline.journal_error)
 
     def _check_clock(self) -> None:
         """At a wall-clock step, export every active flow before any datagram stamped after
@@ -311,6 +320,9 @@ class Worker:
                             receiver.ts[:rows], listener.port)
             listener.sock.close()
         self._guard(self.pipeline.close, "shutdown")
+        if self._recovery is not None:  # what is not written by then stays claimed
+            self._recovery.join(timeout=max(0.0, deadline + self.config.shutdown_timeout / 4
+                                            - time.monotonic()))
         snapshot = self.snapshot()
         snapshot.stopping = True
         self.report(snapshot)
@@ -328,7 +340,8 @@ class Worker:
             rows_pending=sum(w.pending_rows for w in writers),
             rows_dropped={(w.table, reason): rows for w in writers
                           for reason, rows in w.stats.dropped.items()},
-            clock_steps=self.clock_steps,
+            clock_steps=self.clock_steps, flows_recovered=self.flows_recovered,
+            journal_error=self.pipeline.journal_error,
             datagrams={n: r.datagrams for n, r in self.receivers.items()},
             bytes={n: r.bytes for n, r in self.receivers.items()},
             kernel_drops={n: r.kernel_drops for n, r in self.receivers.items()},

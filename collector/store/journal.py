@@ -117,15 +117,42 @@ def read_journal(path: str | os.PathLike) -> tuple[pa.Table, int]:
     return table, sequence
 
 
+def claim(root: str | os.PathLike, collector_id: str, writer_id: str) -> list[Path]:
+    """Take a killed writer's journal for recovery: renamed aside (<journal>.claimed-<ns>),
+    so that the successor journals under the writer's name at once while it is written. Returns
+    every claimed journal of that writer still to write, a predecessor's unfinished ones too."""
+    path = journal_path(root, collector_id, writer_id)
+    try:
+        os.replace(path, path.with_name(f"{path.name}.claimed-{time.time_ns()}"))
+        _fsync_directory(path.parent)
+    except FileNotFoundError:
+        pass
+    return claimed(root, collector_id, writer_id)
+
+
+def claimed(root: str | os.PathLike, collector_id: str, writer_id: str) -> list[Path]:
+    path = journal_path(root, collector_id, writer_id)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f"{path.name}.claimed-*")
+                  if p.name.rsplit("-", 1)[1].isdigit())  # not the unreadable ones set aside
+
+
 def recover(root: str | os.PathLike, collector_id: str, writer_id: str, *,
             store: tuple[pafs.FileSystem, str] | None = None) -> int:
-    """Write the rows of a killed writer's journal as flows (end_reason 'crash') and remove
-    it; returns the rows written (0 without a journal). `store`: (filesystem, prefix) of the
-    object store the data directory (then the spool) uploads to, searched for files written
-    after the journal too. An unreadable journal is renamed aside with a warning."""
-    path = journal_path(root, collector_id, writer_id)
-    if not path.exists():
-        return 0
+    """Claim a killed writer's journal (if any) and write every claimed journal of that
+    writer; returns the rows written."""
+    claim(root, collector_id, writer_id)
+    return sum(recover_claimed(path, root, collector_id, writer_id, store=store)
+               for path in claimed(root, collector_id, writer_id))
+
+
+def recover_claimed(path: Path, root: str | os.PathLike, collector_id: str, writer_id: str, *,
+                    store: tuple[pafs.FileSystem, str] | None = None) -> int:
+    """Write the rows of a claimed journal as flows (end_reason 'crash') and remove it;
+    returns the rows written. `store`: (filesystem, prefix) of the object store the data
+    directory (then the spool) uploads to, searched for files written after the journal too.
+    An unreadable journal is renamed aside with a warning."""
     try:
         table, sequence = read_journal(path)
     except ValueError as err:
@@ -134,6 +161,7 @@ def recover(root: str | os.PathLike, collector_id: str, writer_id: str, *,
         log.warning("%s; kept as %s, not recovered", err, aside)
         return 0
     table = _not_written_since(table, Path(root), collector_id, writer_id, sequence, store)
+    table = _with_community_ids(table)
     if table.num_rows:
         writer = DatasetWriter(root, "flows", collector_id=collector_id,
                                writer_id=f"{writer_id}r", first_sequence=sequence)
@@ -142,6 +170,27 @@ def recover(root: str | os.PathLike, collector_id: str, writer_id: str, *,
     path.unlink()
     _fsync_directory(path.parent)
     return table.num_rows
+
+
+def _with_community_ids(table: pa.Table) -> pa.Table:
+    """The compiled flow table journals without Community IDs (their SHA-1 is two thirds of a
+    snapshot): computed here, once, for the rows that lack one."""
+    from ipaddress import ip_address
+
+    from collector.flows.community_id import community_id
+
+    column = table.column("community_id")
+    if column.null_count == 0:
+        return table
+    values = column.to_pylist()
+    names = ("protocol", "src_addr", "dst_addr", "src_port", "dst_port")
+    for i, (cid, proto, src, dst, sport, dport) in enumerate(
+            zip(values, *(table.column(n).to_pylist() for n in names))):
+        if cid is None and src is not None and dst is not None:
+            values[i] = community_id(proto, ip_address(src).packed, ip_address(dst).packed,
+                                     sport, dport)
+    return table.set_column(table.schema.get_field_index("community_id"), "community_id",
+                            pa.array(values, pa.string()))
 
 
 def _endpoint_pairs(table: pa.Table) -> list[tuple]:

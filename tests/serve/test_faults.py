@@ -232,10 +232,15 @@ def test_sigkill_of_the_worker_mid_write_loses_only_what_it_held(tmp_path):
         back_at = time.monotonic()
         sender.join()
         server.wait_received(0)
+        deadline = time.monotonic() + 10  # the successor writes the journal in a thread
+        while (recovered := server.metrics().value("collector_flows_recovered_total")) == 0:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.2)
         assert server.stop() == 0
     finally:
         server.kill()
     assert "worker 0 (pid" in server.log() and "restarting it" in server.log()
+    assert recovered > 0 and "flows that killed writer w0 had journaled" in server.log()
     assert check_every_file_is_whole(server.data_dir) > 0
     assert hidden_files(server.data_dir) == []
     measure_loss(server.data_dir, sender, killed_at, back_at, gap_loses=False)

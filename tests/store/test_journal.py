@@ -68,8 +68,11 @@ def test_a_successor_killed_while_recovering_writes_the_same_files_again(tmp_pat
     path = journal.journal_path(tmp_path, "c1", "w0")
     saved = path.read_bytes()
     assert journal.recover(tmp_path, "c1", "w0") == 2
-    path.write_bytes(saved)  # killed after its files, before removing the journal
+    claimed = path.with_name(path.name + ".claimed-1")
+    claimed.write_bytes(saved)  # killed after its files, before removing the claimed journal
+    assert journal.claimed(tmp_path, "c1", "w0") == [claimed]
     assert journal.recover(tmp_path, "c1", "w0") == 2
+    assert journal.claimed(tmp_path, "c1", "w0") == []
     assert [r["packets"] for r in stored(tmp_path)] == [3, 3]  # replaced, not added
 
 
@@ -136,9 +139,10 @@ def test_an_unreadable_journal_is_set_aside_not_fatal(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"ARROW1 cut short")
     assert journal.recover(tmp_path, "c1", "w3") == 0
-    assert not path.exists() and path.with_name(path.name + ".unreadable").exists()
+    (aside,) = path.parent.glob("*.unreadable")
+    assert not path.exists() and journal.claimed(tmp_path, "c1", "w3") == []
     with pytest.raises(ValueError, match="not a readable flow journal"):
-        journal.read_journal(path.with_name(path.name + ".unreadable"))
+        journal.read_journal(aside)
 
 
 def test_the_journal_is_invisible_to_queries(tmp_path):
@@ -175,3 +179,21 @@ def test_with_an_object_store_later_files_already_uploaded_are_found_there(tmp_p
     store = (s3, f"{s3_store.bucket}/{s3_store.prefix}")
     assert journal.recover(spool, "c1", "w0", store=store) == 0  # in the store: not twice
     assert list(spool.glob("flows/**/*.parquet")) == []
+
+
+def test_a_claimed_journal_frees_the_name_for_the_successors_own(tmp_path):
+    killed = pipeline(tmp_path)
+    killed.feed(*datagrams(flows=2, packets=1))
+    killed.tick(T0, wall=0.0)
+    killed.tick(T0, wall=10.0)
+    (claimed,) = journal.claim(tmp_path, "c1", "w0")
+    successor = pipeline(tmp_path)
+    successor.feed(*datagrams(flows=1, packets=1, start_ns=T0 + 5 * S, sport=50000))
+    successor.tick(T0 + 5 * S, wall=100.0)
+    successor.tick(T0 + 5 * S, wall=110.0)  # its own journal, beside the claimed one
+    assert journal.journals(tmp_path, "c1") == {"w0": journal.journal_path(tmp_path, "c1", "w0")}
+    assert journal.recover_claimed(claimed, tmp_path, "c1", "w0") == 2
+    successor.close()
+    assert [(r["src_port"], r["end_reason"]) for r in stored(tmp_path)] == [
+        (40000, "crash"), (40001, "crash"), (50000, "shutdown")]
+    assert journal.journals(tmp_path, "c1") == {} and journal.claimed(tmp_path, "c1", "w0") == []
