@@ -15,10 +15,12 @@ file are walked in C (`pcap_walk`), each frame's flow key and outer source port 
 (`flow_keys`, `source_ports`: the `Encapsulator`'s CRC-32 of the same hash key; frames off
 the common case go to flow_of), the flows sent counted in a C hash set (`flows_seen`), and
 the datagrams leave by sendmmsg as the VXLAN header plus a slice of the mapping, grouped by
-socket within each chunk of 4,096 (one call per socket, not per change of socket). It sends
-the same bytes from the same ports, each port's in the same order, and counts the same, as
-the per-record path (tests/replay/test_replay_fast.py compares them); datagrams of
-different ports may leave in another order within a chunk, as they may arrive in one.
+socket within each batch of 16,384 (`group_by_fd`: runs of one socket, as long as every
+conversation's datagrams keep their order; both directions of a UDP flow leave from two
+ports). It sends the same bytes from the same ports, each port's and each conversation's in
+the same order, and counts the same, as the per-record path (tests/replay/
+test_replay_fast.py compares them); datagrams of different conversations may leave in
+another order within a batch, as they may arrive in one.
 `workers` > 1 splits the datagrams by outer source port over that many processes: each
 flow still leaves from one process, in order; a worker skips another's records right
 after their port is computed.
@@ -52,7 +54,7 @@ from collector.sessions import MirrorFilter
 __all__ = ["ReplayError", "ReplayOptions", "ReplayProgress", "ReplaySummary", "replay"]
 
 PROGRESS_EVERY = 1024  # datagrams between progress reports
-BATCH = 4096  # records per batch on the fast path (a multiple of PROGRESS_EVERY)
+BATCH = 16384  # records per batch on the fast path (a multiple of PROGRESS_EVERY)
 _TABLE_BYTES = 64 << 20  # the fast path's set of flow keys sent stays within this
 _KEY_LEN = 40  # bytes per row of collector._fastio.flow_keys
 

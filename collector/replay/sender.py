@@ -194,8 +194,11 @@ class Sender:
                     failed.append(i)
             return np.array(failed, dtype=np.int64)
         # Chunks of at most pool_size datagrams: a chunk's ports then all fit in the pool at
-        # once, so no socket is closed while a datagram of the chunk still needs it.
+        # once, so no socket is closed while a datagram of the chunk still needs it. One
+        # chunk when the pool holds all the ports anyway (longer runs per socket to group).
         step = min(len(ports), self.pool_size) if self.pool_size else len(ports)
+        if step < len(ports) and _distinct(ports) <= self.pool_size:
+            step = len(ports)
         for first in range(0, len(ports), max(step, 1)):
             last = min(first + step, len(ports))
             fd_of = self._fds_for(ports[first:last])
@@ -344,6 +347,13 @@ class Sender:
         if self._shared is not None:
             self._close(self._shared)
             self._shared = None
+
+
+def _distinct(ports: np.ndarray) -> int:
+    """How many different ports (0-65535) `ports` holds."""
+    seen = np.zeros(1 << 16, np.bool_)
+    seen[ports] = True
+    return int(np.count_nonzero(seen))
 
 
 def _room_for(pool_size: int) -> int:
