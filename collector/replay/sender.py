@@ -31,10 +31,10 @@ socket as far as each socket's and each conversation's order allows: one sendmms
 many datagrams. Both send the same bytes from the same ports, each port's in the same order,
 and count them the same way, with two differences. The batch path touches a batch's ports
 in the order of their last datagram before sending it, so with more flows than `pool_size`
-it may close fewer pool sockets
-(`evicted`). And the kernel reports an ICMP port unreachable to the sendmmsg call *after*
-the one that drew it: to a target with nothing listening, fewer datagrams fail (more leave
-and are refused), but the refusal is still counted (`refused`) and said.
+it may close fewer pool sockets (`evicted`). And the kernel reports an ICMP port
+unreachable to the sendmmsg call *after* the one that drew it: to a target with nothing
+listening, fewer datagrams fail (more leave and are refused), but the refusal is still
+counted (`refused`) and said.
 """
 
 from __future__ import annotations
