@@ -19,7 +19,7 @@ exited, so that it takes no CPU from the senders while they run:
     collector replay TWIN --as-captured --topspeed --target 127.0.0.1:P   (with --as-captured)
     tcpreplay --topspeed -i lo TWIN
     the C sendmmsg ceiling, 1 and 2 processes (CEILING_C below: the same datagrams from the
-    same source ports, sockets opened before its clock starts; gcc builds it)
+    same source ports in the same order, sockets opened before its clock starts; gcc)
 
 Rates are the tools' own ("Rated: ... pps"); every datagram must reach the sink.
 tcpreplay's frames from 127.0.0.1 arriving on lo are only delivered with
@@ -48,8 +48,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from collector import build  # noqa: E402
+import numpy as np  # noqa: E402
+
+from collector import build, compiled  # noqa: E402
 from collector.capture import read_capture  # noqa: E402
+from collector.replay import BATCH  # noqa: E402
 from collector.replay.encap import Encapsulator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,12 +87,12 @@ print(count, size, flush=True)
 """
 
 
-# The kernel's ceiling for what `collector replay` does: the same datagrams (read from a file
-# the benchmark writes: port u16, length u32, payload), each from a UDP socket bound to its
-# flow's source port and connected to the target, all opened before the clock starts; then
-# sendmmsg per socket over windows of 4096 datagrams (each socket's in capture order), as
-# collector's batch path sends them. With W > 1, W forked processes share the datagrams by
-# source port modulo W. It prints tcpreplay-style summary lines.
+# The kernel's ceiling for what `collector replay` does: the same datagrams in the order
+# collector's batch path sends them (the benchmark writes them to a file: port u16, length
+# u32, payload), each from a UDP socket bound to its flow's source port and connected to the
+# target, all opened before the clock starts; one sendmmsg per run of datagrams of one socket
+# (at most 1,024). With W > 1, W forked processes share the datagrams by source port modulo
+# W, each sending its own in file order. It prints tcpreplay-style summary lines.
 CEILING_C = r"""
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -103,14 +106,14 @@ CEILING_C = r"""
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-#define WINDOW 4096
+#define RUN 1024
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 int main(int argc, char **argv) {
-    if (argc != 5) return fprintf(stderr, "usage: DATAGRAMS HOST PORT WORKERS\n"), 2;
+    if (argc != 5) return fprintf(stderr, "usage: DATAGRAMS HOST PORT WORKERS\\n"), 2;
     FILE *f = fopen(argv[1], "rb");
     struct stat st;
     if (!f || fstat(fileno(f), &st)) return perror(argv[1]), 1;
@@ -135,7 +138,6 @@ int main(int argc, char **argv) {
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
     inet_pton(AF_INET, argv[2], &to.sin_addr);
     static int sock_of[65536];
-    int *fd = malloc(n * sizeof *fd);
     for (long i = 0; i < n; i++) {
         if (!sock_of[port[i]]) {
             int s = socket(AF_INET, SOCK_DGRAM, 0);
@@ -144,7 +146,6 @@ int main(int argc, char **argv) {
             if (connect(s, (struct sockaddr *)&to, sizeof to)) return perror("connect"), 1;
             sock_of[port[i]] = s;
         }
-        fd[i] = sock_of[port[i]];
     }
     int workers = atoi(argv[4]), me = 0;
     double start = now();
@@ -154,54 +155,41 @@ int main(int argc, char **argv) {
         if (me == workers) {
             while (wait(NULL) > 0) {}
             double t = now() - start;
-            printf("Actual: %ld packets (0 bytes) sent in %.2f seconds\n"
-                   "Rated: 0.0 Bps, 0.00 Mbps, %.2f pps\n", n, t, n / t);
+            printf("Actual: %ld packets (0 bytes) sent in %.2f seconds\\n"
+                   "Rated: 0.0 Bps, 0.00 Mbps, %.2f pps\\n", n, t, n / t);
             return 0;
         }
     }
-    struct mmsghdr *msgs = calloc(WINDOW, sizeof *msgs);
-    struct iovec *iov = calloc(WINDOW, sizeof *iov);
-    long *order = malloc(WINDOW * sizeof *order), *next = malloc(WINDOW * sizeof *next);
-    static long first_of[65536], last_of[65536], stamp_of[65536];
-    long stamp = 0, sent = 0;
-    for (long base = 0; base < n; base += WINDOW) {
-        long end = base + WINDOW < n ? base + WINDOW : n, heads = 0;
-        stamp++;
-        for (long i = base; i < end; i++) {  /* a list per source port, ports in first-use order */
-            if (workers > 1 && port[i] % workers != me) continue;
-            long k = i - base;
-            next[k] = -1;
-            if (stamp_of[port[i]] != stamp) {
-                stamp_of[port[i]] = stamp;
-                first_of[port[i]] = last_of[port[i]] = k;
-                order[heads++] = port[i];
-            } else {
-                next[last_of[port[i]]] = k;
-                last_of[port[i]] = k;
-            }
+    struct mmsghdr msgs[RUN];
+    struct iovec iov[RUN];
+    long sent = 0;
+    for (long i = 0; i < n;) {
+        if (workers > 1 && port[i] % workers != me) {
+            i++;
+            continue;
         }
-        for (long h = 0; h < heads; h++) {
-            int m = 0;
-            for (long k = first_of[order[h]]; k >= 0; k = next[k]) {
-                iov[m].iov_base = data[base + k];
-                iov[m].iov_len = len[base + k];
-                memset(&msgs[m], 0, sizeof msgs[m]);
-                msgs[m].msg_hdr.msg_iov = &iov[m];
-                msgs[m].msg_hdr.msg_iovlen = 1;
-                m++;
-            }
-            for (int done = 0; done < m;) {
-                int r = sendmmsg(sock_of[order[h]], msgs + done, m - done, 0);
-                if (r < 0) return perror("sendmmsg"), 1;
-                done += r;
-                sent += r;
-            }
+        int m = 0, p = port[i];
+        for (; i < n && m < RUN; i++) {  /* this worker's next datagrams while on one port */
+            if (workers > 1 && port[i] % workers != me) continue;
+            if (port[i] != p) break;
+            iov[m].iov_base = data[i];
+            iov[m].iov_len = len[i];
+            memset(&msgs[m], 0, sizeof msgs[m]);
+            msgs[m].msg_hdr.msg_iov = &iov[m];
+            msgs[m].msg_hdr.msg_iovlen = 1;
+            m++;
+        }
+        for (int done = 0; done < m;) {
+            int r = sendmmsg(sock_of[p], msgs + done, m - done, 0);
+            if (r < 0) return perror("sendmmsg"), 1;
+            done += r;
+            sent += r;
         }
     }
     if (workers > 1) return 0;
     double t = now() - start;
-    printf("Actual: %ld packets (0 bytes) sent in %.2f seconds\n"
-           "Rated: 0.0 Bps, 0.00 Mbps, %.2f pps\n", sent, t, sent / t);
+    printf("Actual: %ld packets (0 bytes) sent in %.2f seconds\\n"
+           "Rated: 0.0 Bps, 0.00 Mbps, %.2f pps\\n", sent, t, sent / t);
     return 0;
 }
 """
@@ -217,16 +205,33 @@ def ceiling(plain: Path, key: str) -> tuple[Path, Path] | None:
     if not binary.exists() or not source.exists() or source.read_text() != CEILING_C:
         source.write_text(CEILING_C)
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
-    datagrams = cache / f"{key}-datagrams.bin"
+    datagrams = cache / f"{key}-datagrams-v2.bin"
     if not datagrams.exists():
         encapsulator = Encapsulator(vni=VNI)
+        mirrored = [encapsulator.mirror(record) for record in read_capture(plain)]
         with open(datagrams.with_suffix(".tmp"), "wb") as f:
-            for record in read_capture(plain):
-                mirrored = encapsulator.mirror(record)
-                f.write(struct.pack("<HI", mirrored.source_port, len(mirrored.payload)))
-                f.write(mirrored.payload)
+            for i in send_order(mirrored):
+                f.write(struct.pack("<HI", mirrored[i].source_port, len(mirrored[i].payload)))
+                f.write(mirrored[i].payload)
         datagrams.with_suffix(".tmp").rename(datagrams)
     return binary, datagrams
+
+
+def send_order(mirrored: list) -> list[int]:
+    """The order collector's batch path sends these datagrams in: each batch grouped by
+    source port as far as every conversation's order allows (collector._fastio.group_by_fd);
+    capture order without the compiled extension."""
+    fast = compiled.extension("_fastio")
+    if fast is None:
+        return list(range(len(mirrored)))
+    ports = np.array([m.source_port for m in mirrored], np.int64)
+    conversations = np.array([hash(m.conversation) for m in mirrored], np.int64)
+    order = np.empty(len(mirrored), np.int64)
+    for first in range(0, len(mirrored), BATCH):
+        last = min(first + BATCH, len(mirrored))
+        fast.group_by_fd(ports[first:last], conversations[first:last], order[first:last])
+        order[first:last] += first
+    return order.tolist()
 
 
 # -- the captures ------------------------------------------------------------------------------
