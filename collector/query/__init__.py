@@ -224,7 +224,7 @@ merged AS (
         count(*) AS segments, count(DISTINCT collector_id) AS collectors,
         bool_or(end_reason = 'rst') AS any_rst, bool_or(end_reason = 'fin') AS any_fin,
         arg_max(end_reason, (last_seen, list_position(
-            ['active', 'flush', 'shutdown', 'evicted', 'idle', 'fin', 'rst'], end_reason))) AS last_reason,
+            ['active', 'flush', 'crash', 'shutdown', 'evicted', 'idle', 'fin', 'rst'], end_reason))) AS last_reason,
         sum(CASE WHEN src_is_low = initiator_is_low THEN captured_bytes ELSE rev_captured_bytes END)
             AS captured_bytes,
         sum(CASE WHEN src_is_low = initiator_is_low THEN rev_captured_bytes ELSE captured_bytes END)

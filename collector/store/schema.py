@@ -45,7 +45,7 @@ FLOWS = pa.schema(
         _field("rev_truncated_packets", pa.int64()),
         _field("tcp_flags", pa.int16(), doc="OR of TCP flags (VPC Flow Logs values, NS = 256)"),
         _field("rev_tcp_flags", pa.int16()),
-        _field("end_reason", pa.string(), doc="idle, active, fin, rst, evicted, shutdown"),
+        _field("end_reason", pa.string(), doc="idle, active, fin, rst, evicted, shutdown, flush, crash"),
         _field("community_id", pa.string(), doc="Community ID v1 (Zeek, Suricata, Arkime)"),
     ],
     metadata=METADATA,
