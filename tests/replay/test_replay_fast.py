@@ -137,8 +137,12 @@ def _comparable(summary):
 
 
 @pytest.mark.parametrize("options", [{}, {"packet_length": 64}, {"loop": 2},
-                                     {"limit": 123}, {"pool_size": 0}, {"pool_size": 5}])
+                                     {"limit": 123}, {"pool_size": 0}, {"pool_size": 5},
+                                     {"batch": 37}, {"batch": 37, "limit": 150}])
 def test_fast_path_sends_what_the_record_path_sends(mixed, monkeypatch, options):
+    options = dict(options)
+    if "batch" in options:  # batches smaller than the capture: their boundaries
+        monkeypatch.setattr("collector.replay.BATCH", options.pop("batch"))
     fast = _run(mixed, monkeypatch, False, **options)
     slow = _run(mixed, monkeypatch, True, **options)
     assert _same_datagrams(fast, slow)  # payload and source port, in order per port
