@@ -21,10 +21,15 @@
  * CaptureError would: the messages are built here with the same wording.
  *
  * The walker never reads outside the buffer: every read is bounded by the bytes present, and
- * lengths are checked (absurd caplen, block length) before they are used.
+ * lengths are checked (absurd caplen, block length) before they are used. A mapped file that
+ * another process truncates while it is walked loses its pages past the new end: reading them
+ * raises SIGBUS, which the walk catches (on_sigbus) and reports as a cut record.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -88,7 +93,62 @@ typedef struct {
     int failed;
     Py_ssize_t error_offset;
     char error[320];
+    /* the counters when the record at `pos` began: a SIGBUS in the middle of it undoes it */
+    long long mark[4];
 } Walker;
+
+/* -- a file truncated while mapped ------------------------------------------------------------- */
+
+/* While a walk runs in a thread, SIGBUS (a read of a mapped page past the file's end, since
+ * another process truncated it) jumps back to that walk instead of ending the process. The
+ * handler is installed for the walks' duration only; a SIGBUS that is not a walk's goes to the
+ * handler installed before (or kills the process as it would have). */
+static __thread sigjmp_buf *bus_jump;
+static __thread uintptr_t bus_address;
+static struct sigaction bus_previous;
+static int bus_walks;
+static pthread_mutex_t bus_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    if (bus_jump != NULL) {
+        bus_address = (uintptr_t)info->si_addr;
+        siglongjmp(*bus_jump, 1);
+    }
+    if (bus_previous.sa_flags & SA_SIGINFO) {
+        bus_previous.sa_sigaction(sig, info, context);
+    } else if (bus_previous.sa_handler == SIG_DFL || bus_previous.sa_handler == SIG_IGN) {
+        signal(SIGBUS, SIG_DFL); /* the fault repeats on return, and ends the process */
+    } else {
+        bus_previous.sa_handler(sig);
+    }
+}
+
+static void bus_catch(void) {
+    pthread_mutex_lock(&bus_lock);
+    if (bus_walks++ == 0) {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_sigaction = on_sigbus;
+        action.sa_flags = SA_SIGINFO;
+        sigemptyset(&action.sa_mask);
+        sigaction(SIGBUS, &action, &bus_previous);
+    }
+    pthread_mutex_unlock(&bus_lock);
+}
+
+static void bus_release(void) {
+    pthread_mutex_lock(&bus_lock);
+    if (--bus_walks == 0) sigaction(SIGBUS, &bus_previous, NULL);
+    pthread_mutex_unlock(&bus_lock);
+}
+
+static inline void mark_record(Walker *w, Py_ssize_t pos) {
+    w->pos = pos;
+    w->mark[0] = w->records;
+    w->mark[1] = w->mirror_datagrams;
+    w->mark[2] = w->plain_packets;
+    w->mark[3] = w->skipped;
+}
 
 /* -- byte access ------------------------------------------------------------------------------ */
 
@@ -361,6 +421,7 @@ static int pcap_walk(Walker *w, Py_ssize_t until) {
     const unsigned linktype = w->pcap_linktype;
     int status = ST_DONE;
     while (1) {
+        mark_record(w, pos);
         Py_ssize_t left = end - pos;
         if (left < 16) {
             if (left > 0)
@@ -471,6 +532,7 @@ static int add_interface(Walker *w, const unsigned char *b, Py_ssize_t pos, uint
 static int pcapng_block(Walker *w) {
     const unsigned char *b = w->data.buf;
     Py_ssize_t end = w->data.len, pos = w->pos, left = end - pos;
+    mark_record(w, pos);
     if (left == 0) return ST_DONE;
     if (left < 12)
         return fail(w, pos, "block at offset %zd is cut: %zd bytes left, the smallest block has "
@@ -725,9 +787,24 @@ static PyObject *Walker_run(Walker *w, PyObject *args) {
         }
     }
     w->busy = 1;
+    sigjmp_buf jump;
+    bus_catch();
     Py_BEGIN_ALLOW_THREADS
-    status = w->format == FMT_PCAP ? pcap_walk(w, until) : pcapng_walk(w, until);
+    if (sigsetjmp(jump, 1) == 0) {
+        bus_jump = &jump;
+        status = w->format == FMT_PCAP ? pcap_walk(w, until) : pcapng_walk(w, until);
+    } else { /* SIGBUS: the record at w->pos is not all there any more; its counts undone */
+        w->records = w->mark[0];
+        w->mirror_datagrams = w->mark[1];
+        w->plain_packets = w->mark[2];
+        w->skipped = w->mark[3];
+        status = fail(w, w->pos, "record %lld at offset %zd is cut: the file was truncated "
+                      "while it was being read (no bytes at offset %zd any more)", w->index + 1,
+                      w->pos, (Py_ssize_t)(bus_address - (uintptr_t)w->data.buf));
+    }
+    bus_jump = NULL;
     Py_END_ALLOW_THREADS
+    bus_release();
     w->busy = 0;
     if (status == -2) return PyErr_NoMemory();
     return PyLong_FromLong(status);

@@ -195,10 +195,12 @@ def _walk_compiled(fast, path, batches: _Batches, result: IngestResult,
     """The same walk by `collector._fastcapture` over the file mapped in memory; None (and
     nothing done) when the file cannot be mapped: empty, or not a regular file (a pipe).
 
-    A file that another process truncates while it is mapped ends the process with SIGBUS
-    when the walk reaches the missing pages (a file that grows is read up to its size when
-    mapped): ingest a capture that is still being rotated or rewritten from a copy, or with
-    COLLECTOR_PURE_PYTHON=1."""
+    A file that another process truncates while it is mapped loses its pages past the new
+    end: the walker catches the SIGBUS that reading them raises and reports that record as
+    cut (CaptureError, after what came before it was metered and written). Bytes past the
+    new end inside its last page read as zeros, as a mapping gives them, so the record cut
+    there is taken as it reads (the reference path, which reads instead of mapping, says it
+    is cut). A file that grows is read up to its size when mapped."""
     # Decided before opening: a pipe can be opened (and read) only once.
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode) or info.st_size == 0:

@@ -493,3 +493,40 @@ def test_an_error_keeps_what_came_before_it(tmp_path, monkeypatch):
         ingest([path], pipeline)
     assert info.value.offset == 24 + 9 * 66
     assert pipeline.counters.datagrams == 9
+
+
+def test_a_file_truncated_while_walked_is_a_cut_record_not_a_crash(tmp_path, monkeypatch):
+    """Another process truncating the mapped capture (a rotation, a rewrite) takes its pages
+    away: the walk reads them as a cut record (CaptureError after what came before it was
+    metered), where reading them used to end the process with SIGBUS."""
+    big = VXLAN_FRAME + bytes(40_000)
+    records = [(T0 + i, 0, big) for i in range(200)]  # 8 MB
+    content = pcap_bytes(records)
+    path = write(tmp_path / "rotated.pcap", content)
+    record_size = 16 + len(big)
+    # Cut at the page boundary before record 51: a mapped file's last page reads as zeros
+    # past the end (no SIGBUS), so a record cut inside it would be read with zeros.
+    keep = (24 + 50 * record_size) // 4096 * 4096
+    told = []
+
+    def progress(n):  # the first report: 1 MiB walked; then the file shrinks under the walk
+        told.append(n)
+        if len(told) == 1:
+            os.truncate(path, keep)
+
+    monkeypatch.setenv("COLLECTOR_PURE_PYTHON", "0")
+    pipeline = Pipeline(tmp_path / "data", collector_id="t")
+    with pytest.raises(CaptureError) as info:
+        ingest([path], pipeline, progress=progress)
+    assert "truncated while it was being read" in info.value.detail
+    assert info.value.offset == 24 + 50 * record_size
+    assert pipeline.counters.datagrams == 50  # every whole record before the cut, metered
+
+
+def test_a_walk_leaves_sigbus_as_it_found_it(tmp_path):
+    """The walker's SIGBUS handler is there only while a walk runs."""
+    import signal
+
+    before = signal.getsignal(signal.SIGBUS)
+    assert_same_walk([write(tmp_path / "one.pcap", pcap_bytes([(T0, 0, VXLAN_FRAME)]))])
+    assert signal.getsignal(signal.SIGBUS) == before
