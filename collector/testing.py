@@ -170,6 +170,7 @@ class CollectorServer:
         self.env = dict(env or {})
         self.start_timeout = start_timeout
         self.stderr_path = self.workdir / "serve.stderr"
+        self.popen_options: dict = {}  # more subprocess.Popen arguments (pass_fds, ...)
         self.process: subprocess.Popen | None = None
         self.returncode: int | None = None
         self.vxlan: tuple[str, int] | None = None
@@ -204,7 +205,8 @@ class CollectorServer:
             with open(self.stderr_path, "wb") as err:
                 self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                                 stdout=err, stderr=subprocess.STDOUT, env=env,
-                                                cwd=self.workdir, start_new_session=True)
+                                                cwd=self.workdir, start_new_session=True,
+                                                **self.popen_options)
             self.returncode = None
             try:
                 self.wait_healthy(self.start_timeout)

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 
-from collector.serve import logs
+from collector.serve import activation, logs
 from collector.serve.config import Address, ServeConfig
 from collector.serve.http import HealthServer
 from collector.serve.receiver import open_listener, port_free
@@ -112,6 +112,8 @@ class Supervisor:
         self.sockets: dict[int, list[tuple[str, int, socket.socket]]] = {}
         self._flush_seq = 0
         self.uploader = None  # with --data s3://...: the spool's Uploader (objectstore.py)
+        # UDP sockets systemd passed (deploy/collector.socket): worker 0 reads them
+        self.inherited: list[socket.socket] = []
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -133,8 +135,13 @@ class Supervisor:
         udp = [("--listen", config.listen)]
         if config.geneve_listen is not None:
             udp.append(("--geneve-listen", config.geneve_listen))
+        try:
+            self.inherited = self.inherited or activation.inherited_datagram_sockets()
+        except activation.ActivationError as err:
+            raise StartupError(str(err)) from None
         for option, address in udp:
-            self._probe(option, address, socket.SOCK_DGRAM)
+            if not any(activation.same_address(s, address) for s in self.inherited):
+                self._probe(option, address, socket.SOCK_DGRAM)
         self._probe("--health", config.health, socket.SOCK_STREAM)
         self._warn_rcvbuf()
 
@@ -206,9 +213,14 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_reload)
         try:
             for index in range(self.config.workers):
-                self.sockets[index] = self._open_sockets()
+                self.sockets[index] = self._open_sockets(inherited=index == 0)
+        except activation.ActivationError as err:
+            raise StartupError(str(err)) from None
         except OSError as err:
             raise StartupError(f"--listen {self.config.listen}: {err.strerror or err}") from None
+        for sock in self.inherited:  # systemd passed a socket no listener of ours has
+            log.warning("socket activation: ignoring the socket on %s (no listener has it)",
+                        sock.getsockname())
         for index in range(self.config.workers):
             self._spawn(index)
         self.http.start()
@@ -228,11 +240,23 @@ class Supervisor:
             code = self._shutdown()
         return code
 
-    def _open_sockets(self) -> list[tuple[str, int, socket.socket]]:
-        sockets = [("vxlan", VXLAN_PORT, open_listener(self.config.listen, self.config.rcvbuf)[0])]
-        if self.config.geneve_listen is not None:
-            sockets.append(("geneve", GENEVE_PORT,
-                            open_listener(self.config.geneve_listen, self.config.rcvbuf)[0]))
+    def _open_sockets(self, inherited: bool = False) -> list[tuple[str, int, socket.socket]]:
+        """One worker's sockets; `inherited`: the sockets systemd passed where it passed one
+        (socket activation: what arrived while no service ran is queued in them)."""
+        config = self.config
+
+        def listener(option: str, address: Address) -> socket.socket:
+            if inherited:
+                sock = activation.take(self.inherited, address, config.rcvbuf, option,
+                                       config.workers)
+                if sock is not None:
+                    log.info("socket activation: %s %s from systemd", option, address)
+                    return sock
+            return open_listener(address, config.rcvbuf)[0]
+
+        sockets = [("vxlan", VXLAN_PORT, listener("--listen", config.listen))]
+        if config.geneve_listen is not None:
+            sockets.append(("geneve", GENEVE_PORT, listener("--geneve-listen", config.geneve_listen)))
         return sockets
 
     def _spawn(self, index: int) -> None:

@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -309,6 +310,63 @@ def test_sigkill_of_the_whole_service_then_restart_on_the_same_data(tmp_path):
     (part / ".other-w0-1.parquet.tmp").unlink()
     check_every_file_is_whole(server.data_dir)
     measure_loss(server.data_dir, sender, killed_at, back_at)
+
+
+# What systemd does for a socket-activated service: the process it starts finds the sockets
+# from descriptor 3 on, LISTEN_FDS of them, if LISTEN_PID is its own pid (sd_listen_fds(3)).
+LAUNCH = """import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+class Activated(SamePorts):
+    """`collector serve` started the way systemd starts it with deploy/collector.socket: the
+    VXLAN socket is the test's (as it is systemd's), open before and after the service."""
+
+    def __init__(self, *args, socket_: socket.socket, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.socket = socket_
+        self.popen_options = {"pass_fds": (socket_.fileno(),)}
+
+    def _pick_ports(self) -> None:
+        if self.vxlan is None:
+            super()._pick_ports()
+            self.vxlan = self.socket.getsockname()
+
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, "-c", LAUNCH, str(self.socket.fileno()), *super().argv]
+
+
+def test_socket_activation_keeps_what_arrives_while_the_service_is_down(tmp_path):
+    """deploy/collector.socket: systemd holds the VXLAN socket. A SIGKILL of the whole service,
+    2 s down (RestartSec=2), a new service handed the same socket: what arrived meanwhile was
+    queued and is read; the loss is the journal's window before the kill, nothing after."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # ReusePort=yes
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)  # ReceiveBuffer=
+    held.bind(("127.0.0.1", 0))
+    server = Activated(tmp_path, workers=2, flush_seconds=FLUSH, socket_=held, **TIMEOUTS)
+    try:
+        server.start()
+        assert "socket activation: --listen" in server.log()
+        sender = PacedSender(server.vxlan[1], int(RATE * SECONDS), RATE)
+        sender.start()
+        time.sleep(random.uniform(2.5, 3.5))
+        server.kill()
+        killed_at = time.monotonic()
+        time.sleep(2.0)
+        server.start()
+        sender.join()
+        assert server.stop() == 0
+    finally:
+        server.kill()
+        held.close()
+    assert sender.refused == 0  # never a moment without a socket
+    result = measure_loss(server.data_dir, sender, killed_at, killed_at, gap_loses=False)
+    assert result["lost_sent_to"] is None or result["lost_sent_to"] <= 0.05
 
 
 def test_sigkill_of_the_supervisor_alone_lets_the_workers_write_what_they_hold(tmp_path):

@@ -86,3 +86,34 @@ def test_no_secret_on_startup_errors(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "collector", "serve", *argv],
                               capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
         assert not _leaks(proc.stdout + proc.stderr), argv
+
+
+SOCKET_UNIT = ROOT / "deploy" / "collector.socket"
+
+
+def test_socket_unit_matches_the_listeners_and_lets_the_workers_join():
+    """deploy/collector.socket (socket activation) must name the same addresses as the
+    default settings, or the service would open its own sockets and the unit's would only
+    queue datagrams nobody reads."""
+    import tomllib
+
+    from collector.serve.config import ServeConfig
+
+    listen = [line.partition("=")[2].strip() for line in SOCKET_UNIT.read_text().splitlines()
+              if line.startswith("ListenDatagram=")]
+    toml = tomllib.loads((ROOT / "deploy" / "collector.toml").read_text())["serve"]
+    config = ServeConfig()
+    assert listen == [toml["listen"], toml["geneve_listen"]] == [
+        f"{config.listen.host}:{config.listen.port}",
+        f"{config.geneve_listen.host}:{config.geneve_listen.port}"]
+    text = SOCKET_UNIT.read_text()
+    assert "\nReusePort=yes\n" in text and "\nService=collector.service\n" in text
+    assert "Wants=collector.socket" in UNIT.read_text()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_socket_unit_parses_cleanly():
+    proc = subprocess.run(["systemd-analyze", "verify", str(SOCKET_UNIT)],
+                          capture_output=True, text=True, timeout=60)
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "collector.socket" in line]
+    assert proc.returncode == 0 and ours == [], proc.stdout + proc.stderr
