@@ -231,6 +231,13 @@ static PyObject *send_batch(PyObject *self, PyObject *args) {
             msgs[run].msg_hdr.msg_iovlen = parts;
             run++;
         }
+        /* The kernel copies each payload from `data`, whose records were last touched
+         * thousands of datagrams ago: the next datagrams' first bytes are asked for now, so
+         * that their copies do not wait for memory. */
+        for (Py_ssize_t k = done + run; k < done + run + 16 && k < n; k++) {
+            __builtin_prefetch(bytes + off[k]);
+            __builtin_prefetch(bytes + off[k] + 64);
+        }
         int sent = sendmmsg(sock, msgs, (unsigned)run, 0);
         if (sent < 0) {
             if (errno == EINTR) continue;
