@@ -175,28 +175,18 @@ class Pipeline:
         c.datagrams += len(batch)
         if lengths is not None:
             c.bytes += int(np.sum(lengths))
-        # A few reductions per batch (this runs per receive batch on the hot path): the
-        # common batch is all decoded, of one VNI.
-        reasons = np.bincount(batch.reason, minlength=len(REASONS)).tolist()
+        if self.compiled:  # one C call: numpy's reductions were 15% of a receive batch
+            reasons, truncated, groups = fast.batch_counts(batch, len(REASONS))
+        else:
+            reasons, truncated, groups = _batch_counts(batch)
         decoded = reasons[0]
         c.decoded += decoded
-        vni, wire, truncated = batch.vni, batch.wire_len, batch.truncated
         if decoded < len(batch):
             c.malformed.update({REASONS[code].value: count
                                 for code, count in enumerate(reasons) if code and count})
-            ok = batch.reason == 0
-            vni, wire, truncated = vni[ok], wire[ok], truncated[ok]
-        c.truncated += int(np.count_nonzero(truncated))
+        c.truncated += truncated
         if not decoded:
             return
-        low, high = int(vni.min()), int(vni.max())
-        if low == high:  # the bytes of the wire lengths known (-1: unknown counts 0)
-            groups = [(low, decoded, int(wire.sum(dtype=np.int64)) + int(np.count_nonzero(wire < 0)))]
-        else:
-            vnis, counts = np.unique(vni, return_counts=True)
-            wire = np.where(wire >= 0, wire, 0)
-            sums = np.bincount(np.searchsorted(vnis, vni), weights=wire, minlength=len(vnis))
-            groups = zip(vnis.tolist(), counts.tolist(), sums.tolist())
         for vni, packets, wire_bytes in groups:
             known = self.registry is not None and vni >= 0 and self.registry.lookup(vni) is not None
             if self.registry is not None and vni >= 0 and not known:
@@ -234,6 +224,28 @@ class Pipeline:
             frames.append(buf[i, start:stop].tobytes() if stop > start else b"")
         self.packet_writer.write(
             packets_batch(batch, rows, ts_ns, frames, self.registry, self.collector_id))
+
+
+def _batch_counts(batch: PacketBatch) -> tuple[list[int], int, list[tuple]]:
+    """`fast.batch_counts` in numpy: rows per reason code, truncated decoded rows, and
+    [(vni, decoded rows, IP wire bytes)] in VNI order (an unknown wire length counts 0)."""
+    reasons = np.bincount(batch.reason, minlength=len(REASONS)).tolist()
+    decoded = reasons[0]
+    vni, wire, truncated = batch.vni, batch.wire_len, batch.truncated
+    if decoded < len(batch):
+        ok = batch.reason == 0
+        vni, wire, truncated = vni[ok], wire[ok], truncated[ok]
+    if not decoded:
+        return reasons, int(np.count_nonzero(truncated)), []
+    low, high = int(vni.min()), int(vni.max())
+    if low == high:  # the bytes of the wire lengths known (-1: unknown counts 0)
+        groups = [(low, decoded, int(wire.sum(dtype=np.int64)) + int(np.count_nonzero(wire < 0)))]
+    else:
+        vnis, counts = np.unique(vni, return_counts=True)
+        wire = np.where(wire >= 0, wire, 0)
+        sums = np.bincount(np.searchsorted(vnis, vni), weights=wire, minlength=len(vnis))
+        groups = list(zip(vnis.tolist(), counts.tolist(), (int(s) for s in sums.tolist())))
+    return reasons, int(np.count_nonzero(truncated)), groups
 
 
 __all__ = ["Counters", "Pipeline", "REASONS"]

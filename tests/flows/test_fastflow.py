@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collector import build
-from collector.decode import decode_batch
+from collector.decode import PacketBatch, decode_batch
 from collector.flows import FlowConfig, FlowTable, fast
 from collector.sessions import MirrorSession, SessionRegistry
 from collector.store.rows import flows_batch
@@ -508,3 +508,17 @@ def test_packets_rows_equal_the_reference(batch, width, packet_bytes, with_buf):
         got = fast.packets_record_batch(decoded, rows, ts, buf if with_buf else None, lengths,
                                         packet_bytes, REGISTRY, "c1")
         assert got.equals(want), (got.to_pylist(), want.to_pylist())
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 3), st.sampled_from((-1, 0, 7, 7, 7, 2**24 - 1, 5)),
+                               st.sampled_from((-1, 0, 40, 1500, 9001)), st.booleans()),
+                     max_size=300))
+def test_batch_counters_equal_the_numpy_reference(rows):
+    from collector.decode.batch import REASONS
+    from collector.pipeline import _batch_counts
+
+    batch = PacketBatch.empty(len(rows))
+    for i, (reason, vni, wire, cut) in enumerate(rows):
+        batch.reason[i], batch.vni[i], batch.wire_len[i], batch.truncated[i] = reason, vni, wire, cut
+    assert fast.batch_counts(batch, len(REASONS)) == _batch_counts(batch)
