@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from collector.store.manifest import fsync_directory
 from collector.store.schema import FLOWS
 from collector.store.writer import DatasetWriter
 
@@ -80,7 +81,7 @@ def write_journal(root: str | os.PathLike, collector_id: str, writer_id: str,
         except OSError:
             pass
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return path
 
 
@@ -124,7 +125,7 @@ def claim(root: str | os.PathLike, collector_id: str, writer_id: str) -> list[Pa
     path = journal_path(root, collector_id, writer_id)
     try:
         os.replace(path, path.with_name(f"{path.name}.claimed-{time.time_ns()}"))
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     except FileNotFoundError:
         pass
     return claimed(root, collector_id, writer_id)
@@ -168,7 +169,7 @@ def recover_claimed(path: Path, root: str | os.PathLike, collector_id: str, writ
         writer.write(table.replace_schema_metadata(FLOWS.metadata))
         writer.close()
     path.unlink()
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return table.num_rows
 
 
@@ -260,11 +261,3 @@ def _later_files(root: Path, collector_id: str, writer_id: str, sequence: int, h
                 if match and int(match.group(1)) > sequence:
                     found.append((filesystem, info.path))
     return found
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
