@@ -18,6 +18,7 @@ exited, so that it takes no CPU from the senders while they run:
     collector replay PLAIN --vni 7159709 --topspeed --workers 2 --target 127.0.0.1:P
     collector replay TWIN --as-captured --topspeed --target 127.0.0.1:P   (with --as-captured)
     tcpreplay --topspeed -i lo TWIN
+    tcpreplay --topspeed -K -i lo TWIN   (the capture read into memory before its clock)
     the C sendmmsg ceiling, 1 and 2 processes (CEILING_C below: the same datagrams from the
     same source ports in the same order, sockets opened before its clock starts; gcc)
 
@@ -432,6 +433,10 @@ def main() -> None:
     else:
         rows["tcpreplay --topspeed -i lo (the twin)"] = [tcpreplay, "--topspeed", "-i", "lo",
                                                          str(twin)]
+        # -K reads the whole capture into memory before its clock starts (the targets are
+        # against the plain command; this row says how much of tcpreplay's time is reading)
+        rows["tcpreplay --topspeed -K (preloaded)"] = [tcpreplay, "--topspeed", "-K", "-i",
+                                                       "lo", str(twin)]
     built = ceiling(plain, f"g{GENERATOR}-s{SEED}-n{args.packets}-f{args.flows}")
     if built is None:
         print("gcc is not installed: the C sendmmsg ceiling rows are skipped")
@@ -469,7 +474,8 @@ def main() -> None:
                                    ("collector replay --vni --workers 2", 1.5),
                                    ("collector replay --as-captured (the twin)", None),
                                    ("C sendmmsg ceiling, 1 process", None),
-                                   ("C sendmmsg ceiling, 2 processes", None)):
+                                   ("C sendmmsg ceiling, 2 processes", None),
+                                   ("tcpreplay --topspeed -K (preloaded)", None)):
             if name not in medians:
                 continue
             ratio = medians[name]["pps"] / theirs
@@ -479,7 +485,11 @@ def main() -> None:
         for ours, ceiling_row in (("collector replay --vni (plain capture, VXLAN)",
                                    "C sendmmsg ceiling, 1 process"),
                                   ("collector replay --vni --workers 2",
-                                   "C sendmmsg ceiling, 2 processes")):
+                                   "C sendmmsg ceiling, 2 processes"),
+                                  ("collector replay --vni (plain capture, VXLAN)",
+                                   "tcpreplay --topspeed -K (preloaded)"),
+                                  ("collector replay --vni --workers 2",
+                                   "tcpreplay --topspeed -K (preloaded)")):
             if ours in medians and ceiling_row in medians:
                 print(f"ratio {ours} / {ceiling_row}: "
                       f"{medians[ours]['pps'] / medians[ceiling_row]['pps']:.2f}")
