@@ -49,6 +49,11 @@ from collector import compiled  # noqa: E402
 from tests.serve.harness import HarnessError, Server  # noqa: E402
 
 RCVBUF = 1 << 30
+# Every flush interval a worker writes its files and journals its open flows (~10,000 here:
+# tens of ms in Arrow's threads). With the default 10 s, the interval would come due the moment
+# the workers resume from their SIGSTOP (the fill takes seconds), landing one in the ~0.5 s
+# timed: with 60 s, none falls in it. The flush to Parquet is timed apart ("to Parquet").
+FLUSH_SECONDS = 60
 SOURCES = 1024  # outer source ports: SO_REUSEPORT's hash spreads them within a few %
 
 DRAIN_C = r"""
@@ -261,7 +266,8 @@ def serve_run(workers: int, filler: Filler, count: int, tmp: Path, run: int) -> 
     """(drain datagrams/s, to Parquet /s, the queues' split, the CPU seconds each worker and
     the supervisor used during the drain, and the drain's seconds)."""
     server = Server(tmp / f"w{workers}-{run}", workers=workers, collector_id="bench",
-                    extra=("--control", "--rcvbuf", str(RCVBUF)),
+                    extra=("--control", "--rcvbuf", str(RCVBUF), "--flush-seconds",
+                           str(FLUSH_SECONDS)),
                     env={"PYTHONPATH": str(ROOT)})
     pids: list[int] = []
     try:
