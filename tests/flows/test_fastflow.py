@@ -522,3 +522,30 @@ def test_batch_counters_equal_the_numpy_reference(rows):
     for i, (reason, vni, wire, cut) in enumerate(rows):
         batch.reason[i], batch.vni[i], batch.wire_len[i], batch.truncated[i] = reason, vni, wire, cut
     assert fast.batch_counts(batch, len(REASONS)) == _batch_counts(batch)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=traffic())
+def test_ended_flows_joined_give_the_rows_of_each_part(case):
+    """Pipeline writes the compiled table's small takes as one batch: the same rows."""
+    import pyarrow as pa
+
+    port, steps = case
+    table = fast.FastFlowTable(FlowConfig(idle_timeout=IDLE, active_timeout=3, close_linger=LINGER))
+    parts = []
+    for kind, value in steps:
+        if kind == "expire":
+            parts.append(table.expire(value))
+        elif kind == "checkpoint":
+            parts.append(table.checkpoint())
+        else:
+            buf, lengths = slab([p for p, _ in value], 160)
+            ts = np.array([t for _, t in value], dtype=np.int64)
+            parts.append(table.add_batch(fast.decode_batch(buf, lengths, port), ts))
+    parts.append(table.drain())
+    joined = fast.EndedFlows.concat(parts)
+    want = [p.record_batch(REGISTRY, "c1") for p in parts if len(p)]
+    assert len(joined) == sum(map(len, parts))
+    if want:
+        assert joined.record_batch(REGISTRY, "c1").equals(
+            pa.Table.from_batches(want).combine_chunks().to_batches()[0])

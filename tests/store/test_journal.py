@@ -85,6 +85,7 @@ def test_flows_that_reached_a_file_after_the_journal_are_not_written_twice(tmp_p
     # the instant between a flush and the journal after it), then the kill: the journal
     # still holds them open
     killed._emit(killed.flows.drain())
+    killed._write_ended()
     killed.flow_writer.flush()
     assert len(stored(tmp_path)) == 3
     assert journal.recover(tmp_path, "c1", "w0") == 0  # all three reached a file: none twice
@@ -169,6 +170,7 @@ def test_with_an_object_store_later_files_already_uploaded_are_found_there(tmp_p
     killed.tick(T0, wall=0.0)
     killed.tick(T0, wall=10.0)
     killed._emit(killed.flows.drain())
+    killed._write_ended()
     (written,) = killed.flow_writer.flush()
     # the uploader sent the file and removed it from the spool, then the kill
     relative = written.relative_to(spool).as_posix()
