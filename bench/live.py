@@ -701,12 +701,15 @@ def batches_for(datagrams: list[bytes], n: int, width: int) -> tuple[np.ndarray,
 
 
 def profile(datagrams: list[bytes], count: int = 40_000) -> None:
-    from collector.decode import VXLAN_PORT, decode_batch
-    from collector.flows import FlowConfig
+    from collector.decode import VXLAN_PORT
+    from collector.decode import decode_batch as reference_decode_batch
+    from collector.flows import FlowConfig, fast
     from collector.pipeline import Pipeline
     from collector.serve.config import Address, ServeConfig
     from collector.serve.receiver import Receiver, open_listener
 
+    # the decoder serve runs: the compiled one when built (the numpy reference otherwise)
+    decode_batch = fast.decode_batch if fast.available() else reference_decode_batch
     config = ServeConfig()
     sock, granted = open_listener(Address(HOST, 0), config.rcvbuf)
     print(f"\nprofile: one worker's path in this process, {count:,} datagrams pre-filled in a "
