@@ -69,8 +69,14 @@ DRAIN_C = r"""
 #define BATCH 64
 #define SLOT 2048
 #define MAX_RECEIVERS 16
-/* argv: rcvbuf [receivers]. With several receivers, each is a thread with its own socket in
- * one SO_REUSEPORT group (as serve's workers are), draining only its own queue. */
+/* argv: rcvbuf [receivers [cmsg]]. With several receivers, each is a thread with its own
+ * socket in one SO_REUSEPORT group (as serve's workers are), draining only its own queue.
+ * cmsg 1: the socket options serve sets (SO_TIMESTAMPNS, SO_RXQ_OVFL), so that the kernel
+ * builds the same control messages per datagram as for serve. */
+#ifndef SO_RXQ_OVFL
+#define SO_RXQ_OVFL 40
+#endif
+static int with_cmsg = 0;
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
                           return t.tv_sec + t.tv_nsec / 1e9; }
 static double cpu(void) { struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
@@ -79,6 +85,7 @@ typedef struct { int fd; long long count, bytes; double t0, t1, cpu; } Receiver;
 static void *drain(void *arg) {
     Receiver *r = arg;
     static __thread char buf[BATCH][SLOT];
+    static __thread char control[BATCH][64];
     struct mmsghdr m[BATCH];
     struct iovec v[BATCH];
     for (int i = 0; i < BATCH; i++) {
@@ -89,6 +96,11 @@ static void *drain(void *arg) {
     double c0 = cpu();
     r->t0 = now();
     for (;;) {
+        if (with_cmsg)
+            for (int i = 0; i < BATCH; i++) {
+                m[i].msg_hdr.msg_control = control[i];
+                m[i].msg_hdr.msg_controllen = sizeof control[i];
+            }
         int n = recvmmsg(r->fd, m, BATCH, MSG_DONTWAIT, NULL);
         if (n <= 0) break;
         r->count += n;
@@ -100,6 +112,7 @@ static void *drain(void *arg) {
 }
 int main(int argc, char **argv) {
     int size = atoi(argv[1]), n = argc > 2 ? atoi(argv[2]) : 1, one = 1;
+    with_cmsg = argc > 3 && atoi(argv[3]);
     if (n < 1 || n > MAX_RECEIVERS) { fprintf(stderr, "receivers: 1..%d\n", MAX_RECEIVERS); return 2; }
     static Receiver r[MAX_RECEIVERS];
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
@@ -109,6 +122,10 @@ int main(int argc, char **argv) {
         setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
         if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0)
             setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+        if (with_cmsg) {
+            setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
+            setsockopt(fd, SOL_SOCKET, SO_RXQ_OVFL, &one, sizeof one);
+        }
         if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) { perror("bind"); return 1; }
         socklen_t len = sizeof a;
         getsockname(fd, (struct sockaddr *)&a, &len);  /* the others join this port */
@@ -234,10 +251,13 @@ def busy_seconds() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def c_run(binary: Path, filler: Filler, count: int, receivers: int = 1) -> tuple[float, str, str]:
+def c_run(binary: Path, filler: Filler, count: int, receivers: int = 1,
+          cmsg: bool = False) -> tuple[float, str, str]:
     """The C receiver with `receivers` threads on as many SO_REUSEPORT sockets: (datagrams/s
-    until the last socket is empty, the queues' split, each receiver's share of the time)."""
-    proc = subprocess.Popen([str(binary), str(RCVBUF), str(receivers)], stdin=subprocess.PIPE,
+    until the last socket is empty, the queues' split, each receiver's share of the time).
+    `cmsg`: with serve's socket options (a timestamp and a drop count per datagram)."""
+    proc = subprocess.Popen([str(binary), str(RCVBUF), str(receivers), str(int(cmsg))],
+                            stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline().split()[1])
@@ -344,13 +364,17 @@ def main() -> None:
     worker_counts = [int(w) for w in args.workers.split(",")]
     c_label = "C recvmmsg x64 (count only)"
     with tempfile.TemporaryDirectory(prefix="collector-drain-") as tmp:
-        for receivers in sorted({1, *worker_counts}):
-            label = c_label if receivers == 1 else f"C recvmmsg x64, {receivers} receivers"
-            runs = [c_run(binary, filler, args.count, receivers) for _ in range(args.runs)]
-            for rate, spread, each in runs:
-                print(f"  {label}: {rate:,.0f}/s; queues {spread}; each receiver: {each}",
-                      flush=True)
-            results[label] = (median([r[0] for r in runs]), None)
+        for cmsg in (False, True):
+            for receivers in sorted({1, *worker_counts}):
+                label = c_label if receivers == 1 else f"C recvmmsg x64, {receivers} receivers"
+                if cmsg:  # like for like: the kernel builds serve's control messages too
+                    label = label.replace(" (count only)", "") + ", serve's cmsgs"
+                runs = [c_run(binary, filler, args.count, receivers, cmsg)
+                        for _ in range(args.runs)]
+                for rate, spread, each in runs:
+                    print(f"  {label}: {rate:,.0f}/s; queues {spread}; each receiver: {each}",
+                          flush=True)
+                results[label] = (median([r[0] for r in runs]), None)
         for workers in worker_counts:
             runs = []
             for r in range(args.runs):
@@ -383,6 +407,11 @@ def main() -> None:
                   f"({'met' if rate >= 1e6 else 'NOT met'})"
                   + (f"; the C receiver with 2 receivers: {c2:,.0f}/s (workers at "
                      f"{rate / c2:.0%} of it)" if c2 else ""))
+            c2m = results.get("C recvmmsg x64, 2 receivers, serve's cmsgs", (None,))[0]
+            if c2m:
+                print(f"  with serve's socket options (a timestamp and a drop count per "
+                      f"datagram) the 2-receiver C ceiling is {c2m:,.0f}/s (workers at "
+                      f"{rate / c2m:.0%} of it)")
     print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.profile:
         live.profile(filler.datagrams)
