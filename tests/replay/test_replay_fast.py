@@ -212,7 +212,7 @@ def test_the_same_wire_bytes_with_and_without_fastio(tmp_path, monkeypatch):
     mixed = _pcap(tmp_path / "few.pcap", list(_frames(random.Random(11)))[:60], cut=50)
     sink = Sink()
     try:
-        recorded = []
+        recorded, taken = [], set()
         for pure in (False, True):
             monkeypatch.setenv("COLLECTOR_PURE_PYTHON", "1" if pure else "0")
             directory = tmp_path / str(pure)
@@ -222,7 +222,13 @@ def test_the_same_wire_bytes_with_and_without_fastio(tmp_path, monkeypatch):
             log = recording.stop()
             assert f"\n{summary.packets} packets captured" in f"\n{log}", log
             recorded.append(_udp_datagrams(recording.path))
+            taken |= summary.stats.unbindable
             sink.drain(0.05)
+        if taken:
+            # A source port another process held at that moment (the full suite runs beside
+            # servers and senders) went from a shared socket with a kernel-chosen port: the
+            # rest of each datagram must still be the same.
+            recorded = [[d[2:] for d in run] for run in recorded]
         assert sorted(recorded[0]) == sorted(recorded[1]) and len(recorded[0]) > 40
     finally:
         sink.close()
