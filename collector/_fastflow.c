@@ -1348,13 +1348,23 @@ static PyObject *table_checkpoint(Table *t, PyObject *unused) {
     return PyLong_FromSize_t(t->nrows - before);
 }
 
+/* an end reason code from Python: -1 with an exception when it is not one */
+static long reason_arg(PyObject *arg) {
+    long reason = PyLong_AsLong(arg);
+    if (reason == -1 && PyErr_Occurred()) return -1;
+    if (reason < 0 || reason >= N_END) {
+        PyErr_Format(PyExc_ValueError, "reason %ld", reason);
+        return -1;
+    }
+    return reason;
+}
+
 /* snapshot(reason_code): a row for every open flow's piece so far, the flows untouched and
  * not counted as exported: what the journal keeps so that a killed worker's successor can
  * write them (collector/store/journal.py) */
 static PyObject *table_snapshot(Table *t, PyObject *arg) {
-    long reason = PyLong_AsLong(arg);
-    if (reason == -1 && PyErr_Occurred()) return NULL;
-    if (reason < 0 || reason >= N_END) return PyErr_Format(PyExc_ValueError, "reason %ld", reason);
+    long reason = reason_arg(arg);
+    if (reason < 0) return NULL;
     size_t before = t->nrows;
     for (uint32_t id = t->lru_head; id != NIL; id = FLOW(t, id)->next) {
         const Flow *f = FLOW(t, id);
@@ -1367,9 +1377,8 @@ static PyObject *table_snapshot(Table *t, PyObject *arg) {
 }
 
 static PyObject *table_drain(Table *t, PyObject *arg) {
-    long reason = PyLong_AsLong(arg);
-    if (reason == -1 && PyErr_Occurred()) return NULL;
-    if (reason < 0 || reason >= N_END) return PyErr_Format(PyExc_ValueError, "reason %ld", reason);
+    long reason = reason_arg(arg);
+    if (reason < 0) return NULL;
     size_t before = t->nrows;
     while (t->lru_head != NIL) {
         uint32_t id = t->lru_head;
