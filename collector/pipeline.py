@@ -17,16 +17,16 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from collector.decode import VXLAN_PORT, PacketBatch, decode_batch
 from collector.decode.batch import REASONS
 from collector.flows import FlowConfig, FlowTable, fast
-from collector.flows.table import EndedFlow
+from collector.flows.table import END_REASONS, EndedFlow
 from collector.sessions import SessionRegistry
-from collector.store import journal
+from collector.store import arrow, journal
 from collector.store.rows import flows_batch, packets_batch, sessions_batch
 from collector.store.writer import DatasetWriter
 
@@ -34,6 +34,8 @@ from collector.store.writer import DatasetWriter
 # The compiled table's ended flows wait here up to this many rows or seconds, then become one
 # Arrow batch: building one costs ~1 ms however few rows it has, and a capture's ingest ticks
 # every slab (7% of a 1,000,000-packet ingest went to batches of a few flows each).
+_JOURNAL_REASONS = [journal.RECOVERED_REASON if reason == "shutdown" else reason
+                    for reason in END_REASONS]
 ENDED_BATCH_ROWS = 65_536
 ENDED_BATCH_SECONDS = 1.0
 MAX_VNI_LABELS = 1024  # per worker: VNIs counted on their own in session_packets/bytes
@@ -158,16 +160,26 @@ class Pipeline:
         file; while writes fail the old journal stays (its fence still holds)."""
         if not self.journal or self._ended or self.flow_writer.pending_rows:
             return
+        # Open flows are journaled as 'crash' (what they are if the journal is ever read);
+        # closed ones keep their close reason.
         if isinstance(self.flows, fast.FastFlowTable):  # Community IDs filled at recovery
-            snapshot = self.flows.snapshot(community_id=False)
+            snapshot = self.flows.snapshot("shutdown", community_id=False)
         else:
-            snapshot = self.flows.snapshot()
-        if isinstance(snapshot, fast.EndedFlows):
-            rows = (snapshot.record_batch(self.registry, self.collector_id) if len(snapshot)
-                    else flows_batch([], self.registry, self.collector_id))
-        else:
-            rows = flows_batch(snapshot, self.registry, self.collector_id)
+            snapshot = self.flows.snapshot("shutdown")
         try:
+            if not len(snapshot):  # no open flow: nothing to recover (and no empty file)
+                journal.discard_journal(self.data_dir, self.collector_id,
+                                        self.flow_writer.writer_id)
+                self.journal_error = None
+                return
+            if isinstance(snapshot, fast.EndedFlows):
+                rows = snapshot.record_batch(self.registry, self.collector_id)
+                rows = rows.set_column(rows.schema.get_field_index("end_reason"), "end_reason",
+                                       arrow.take_strings(_JOURNAL_REASONS, snapshot.reason))
+            else:
+                rows = flows_batch([replace(flow, end_reason=journal.RECOVERED_REASON)
+                                    if flow.end_reason == "shutdown" else flow
+                                    for flow in snapshot], self.registry, self.collector_id)
             journal.write_journal(self.data_dir, self.collector_id, self.flow_writer.writer_id,
                                   rows, self.flow_writer.sequence)
             self.journal_error = None

@@ -199,3 +199,29 @@ def test_a_claimed_journal_frees_the_name_for_the_successors_own(tmp_path):
     assert [(r["src_port"], r["end_reason"]) for r in stored(tmp_path)] == [
         (40000, "crash"), (40001, "crash"), (50000, "shutdown")]
     assert journal.journals(tmp_path, "c1") == {} and journal.claimed(tmp_path, "c1", "w0") == []
+
+
+def test_journaling_never_calls_pyarrow_compute():
+    """Its first call costs a process 44 MiB of RSS (a live worker journals every flush
+    interval: the hostile-traffic run's memory bound caught it). The compiled path, which
+    serve runs; the pure-Python one builds rows with pa.array, which imports pandas."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from collector.flows import fast
+
+    if not fast.available():
+        pytest.skip("the compiled flow table is not built")
+    code = """import sys, tempfile
+from collector.pipeline import Pipeline
+from tests.store.test_journal import datagrams, T0
+p = Pipeline(tempfile.mkdtemp(), collector_id='c', writer_id='w0', journal=True)
+p.feed(*datagrams(flows=3, packets=2))
+p.tick(T0, wall=0.0)
+p.tick(T0, wall=10.0)
+assert p.compiled and p.data_dir and len(p.flows) == 3
+assert 'pyarrow.compute' not in sys.modules, 'pyarrow.compute imported'
+"""
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
