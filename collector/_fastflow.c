@@ -810,7 +810,7 @@ static int flow_reason(const Flow *f, int reason) {
 /* _export: append the row of the flow's current piece (what it counted since it started or
  * since the last checkpoint); a piece without packets (everything was exported by a
  * checkpoint) has no row */
-static int flow_row(Table *t, const Flow *f, int reason) {
+static int flow_row(Table *t, const Flow *f, int reason, bool counted) {
     if (f->side[0].packets == 0 && f->side[1].packets == 0) return 0;
     if (rows_reserve(t) < 0) return -1;
     Row *r = &t->rows[t->nrows++];
@@ -837,14 +837,14 @@ static int flow_row(Table *t, const Flow *f, int reason) {
     r->fwd_flags = f->flags[a_first ? 0 : 1];
     r->rev_flags = f->flags[a_first ? 1 : 0];
     r->reason = (uint8_t)reason;
-    t->exported[reason]++;
+    if (counted) t->exported[reason]++;
     return 0;
 }
 
 /* _end: remove the flow, append the row of its last piece */
 static int flow_end(Table *t, uint32_t id, int reason) {
     Flow *f = FLOW(t, id);
-    if (flow_row(t, f, reason) < 0) return -1;
+    if (flow_row(t, f, reason, true) < 0) return -1;
     /* find its index slot */
     size_t i = key_hash(&f->key) & t->index.mask;
     while (t->index.slots[i] != id + 1) i = (i + 1) & t->index.mask;
@@ -1331,16 +1331,15 @@ static PyObject *table_expire(Table *t, PyObject *arg) {
     return PyLong_FromSize_t(t->nrows - before);
 }
 
-/* checkpoint(): the interim export. Every flow with packets since it started or since the
- * last checkpoint gets a row of that piece ('active', or its close reason), then counts from
- * zero; the flow stays, with its TCP state and its orientation. A killed process then loses
- * only what arrived since the last checkpoint, not each flow's whole life (issue 7). */
+/* checkpoint(): the interim export (FlowTable.checkpoint). Every flow with packets since it
+ * started or since the last checkpoint gets a row of that piece ('active', or its close
+ * reason), then counts from zero; the flow stays, with its TCP state and its orientation. */
 static PyObject *table_checkpoint(Table *t, PyObject *unused) {
     size_t before = t->nrows;
     for (uint32_t id = t->lru_head; id != NIL; id = FLOW(t, id)->next) {
         Flow *f = FLOW(t, id);
         if (f->side[0].packets == 0 && f->side[1].packets == 0) continue;
-        if (flow_row(t, f, flow_reason(f, END_ACTIVE)) < 0) return PyErr_NoMemory();
+        if (flow_row(t, f, flow_reason(f, END_ACTIVE), true) < 0) return PyErr_NoMemory();
         if (!f->orient) f->orient = initiator_is_a(f) ? ORIENT_A : ORIENT_B;
         memset(f->side, 0, sizeof f->side);
         f->flags[0] = f->flags[1] = 0;
@@ -1368,10 +1367,7 @@ static PyObject *table_snapshot(Table *t, PyObject *arg) {
     size_t before = t->nrows;
     for (uint32_t id = t->lru_head; id != NIL; id = FLOW(t, id)->next) {
         const Flow *f = FLOW(t, id);
-        int why = flow_reason(f, (int)reason);
-        size_t had = t->nrows;
-        if (flow_row(t, f, why) < 0) return PyErr_NoMemory();
-        if (t->nrows > had) t->exported[why]--;
+        if (flow_row(t, f, flow_reason(f, (int)reason), false) < 0) return PyErr_NoMemory();
     }
     return PyLong_FromSize_t(t->nrows - before);
 }

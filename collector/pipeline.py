@@ -34,10 +34,11 @@ from collector.store.writer import DatasetWriter
 # The compiled table's ended flows wait here up to this many rows or seconds, then become one
 # Arrow batch: building one costs ~1 ms however few rows it has, and a capture's ingest ticks
 # every slab (7% of a 1,000,000-packet ingest went to batches of a few flows each).
-_JOURNAL_REASONS = [journal.RECOVERED_REASON if reason == "shutdown" else reason
-                    for reason in END_REASONS]
 ENDED_BATCH_ROWS = 65_536
 ENDED_BATCH_SECONDS = 1.0
+# The end reasons open flows are journaled with: 'crash' is what they are if it is ever read.
+_JOURNAL_REASONS = [journal.RECOVERED_REASON if reason == "shutdown" else reason
+                    for reason in END_REASONS]
 MAX_VNI_LABELS = 1024  # per worker: VNIs counted on their own in session_packets/bytes
 OTHER_VNI = -2  # the key of every VNI past that bound that no session names (-1: no VNI)
 
@@ -160,19 +161,17 @@ class Pipeline:
         file; while writes fail the old journal stays (its fence still holds)."""
         if not self.journal or self._ended or self.flow_writer.pending_rows:
             return
-        # Open flows are journaled as 'crash' (what they are if the journal is ever read);
-        # closed ones keep their close reason.
-        if isinstance(self.flows, fast.FastFlowTable):  # Community IDs filled at recovery
-            snapshot = self.flows.snapshot("shutdown", community_id=False)
-        else:
-            snapshot = self.flows.snapshot("shutdown")
+        # Open flows are journaled as 'crash'; closed ones keep their close reason. The
+        # compiled table leaves Community IDs out (recovery computes them).
+        snapshot = (self.flows.snapshot("shutdown", community_id=False) if self.compiled
+                    else self.flows.snapshot("shutdown"))
         try:
             if not len(snapshot):  # no open flow: nothing to recover (and no empty file)
                 journal.discard_journal(self.data_dir, self.collector_id,
                                         self.flow_writer.writer_id)
                 self.journal_error = None
                 return
-            if isinstance(snapshot, fast.EndedFlows):
+            if self.compiled:
                 rows = snapshot.record_batch(self.registry, self.collector_id)
                 rows = rows.set_column(rows.schema.get_field_index("end_reason"), "end_reason",
                                        arrow.take_strings(_JOURNAL_REASONS, snapshot.reason))

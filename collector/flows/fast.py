@@ -116,12 +116,8 @@ def batch_columns(batch: PacketBatch) -> tuple:
     cached = _decoded_columns(batch)
     if cached is not None:
         return cached
-    columns = tuple(getattr(batch, name) for name in _COLUMNS)
-    if tuple(column.dtype for column in columns) == _DTYPE_OF and all(
-            column.flags.c_contiguous for column in columns):
-        return columns  # as decode_batch makes them: no copy
-    return tuple(np.ascontiguousarray(column, dtype=dtype)
-                 for column, dtype in zip(columns, _DTYPE_OF))
+    return tuple(np.ascontiguousarray(getattr(batch, name), dtype=dtype)
+                 for name, dtype in zip(_COLUMNS, _DTYPE_OF))
 
 
 def _texts(offsets: bytes, data: bytes, valid: np.ndarray) -> pa.Array:

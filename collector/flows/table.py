@@ -355,9 +355,8 @@ class FlowTable:
     def checkpoint(self) -> list[EndedFlow]:
         """The interim export: a row for every flow's piece counted since it started or since
         the last checkpoint ('active', or its close reason), least recently seen first; each
-        flow then counts from zero and stays, with its TCP state and orientation. A process
-        killed between two checkpoints loses only what arrived since the last one, not every
-        open flow's whole life (issue 7)."""
+        flow then counts from zero and stays, with its TCP state and orientation, so that a
+        long flow's counts reach the dataset every interval (`--interim-export`)."""
         ended: list[EndedFlow] = []
         for flow in self._flows.values():
             if flow.first_ns is None:

@@ -156,7 +156,13 @@ class Worker:
                 (w for w in journal.journals(config.data, config.collector_id)
                  if w.startswith("w") and w[1:].isdigit() and int(w[1:]) >= config.workers),
                 key=lambda w: int(w[1:]))
-        work = [(w, path) for w in writers for path in journal.claim(config.data, config.collector_id, w)]
+        try:
+            work = [(w, path) for w in writers
+                    for path in journal.claim(config.data, config.collector_id, w)]
+        except OSError as err:  # a read-only or vanished data directory: health says so
+            log.error("worker %d: cannot claim the journals of killed writers in %s: %s",
+                      self.index, config.data, err)
+            return
         if work:
             self._recovery = threading.Thread(target=self._recover, args=(work,),
                                               name="journal-recovery", daemon=True)

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from collector.store import arrow
 from collector.store.manifest import fsync_directory
 from collector.store.schema import FLOWS
 from collector.store.writer import DatasetWriter
@@ -141,9 +142,8 @@ def recover(root: str | os.PathLike, collector_id: str, writer_id: str, *,
             store: tuple[pafs.FileSystem, str] | None = None) -> int:
     """Claim a killed writer's journal (if any) and write every claimed journal of that
     writer; returns the rows written."""
-    claim(root, collector_id, writer_id)
     return sum(recover_claimed(path, root, collector_id, writer_id, store=store)
-               for path in claimed(root, collector_id, writer_id))
+               for path in claim(root, collector_id, writer_id))
 
 
 def recover_claimed(path: Path, root: str | os.PathLike, collector_id: str, writer_id: str, *,
@@ -189,7 +189,7 @@ def _with_community_ids(table: pa.Table) -> pa.Table:
             values[i] = community_id(proto, ip_address(src).packed, ip_address(dst).packed,
                                      sport, dport)
     return table.set_column(table.schema.get_field_index("community_id"), "community_id",
-                            pa.array(values, pa.string()))
+                            arrow.strings(values))
 
 
 def _endpoint_pairs(table: pa.Table) -> list[tuple]:
@@ -209,26 +209,24 @@ def _endpoint_pairs(table: pa.Table) -> list[tuple]:
 def _not_written_since(table: pa.Table, root: Path, collector_id: str, writer_id: str,
                        sequence: int, store) -> pa.Table:
     """The journal's rows minus the flows that reached a file after it (see the module)."""
-    import pyarrow.compute as pc  # see write_journal
-
     if table.num_rows == 0:
         return table
-    first = pc.cast(table.column("first_seen"), pa.int64())
-    hours = sorted(set((first.to_numpy(zero_copy_only=False) // 3_600_000_000).tolist()))
+    first = arrow.int64_values(table.column("first_seen"))
+    hours = sorted(set((first // 3_600_000_000).tolist()))
     later = _later_files(root, collector_id, writer_id, sequence, hours, store)
-    if not later:
+    if not later:  # the usual case
         return table
     spans: dict[tuple, list[tuple[int, int]]] = {}
     for filesystem, file in later:
         written = pq.read_table(file, filesystem=filesystem,
                                 columns=[*_KEY_COLUMNS, "src_addr", "src_port", "dst_addr",
                                          "dst_port", "first_seen", "last_seen"])
-        begin = pc.cast(written.column("first_seen"), pa.int64()).to_pylist()
-        end = pc.cast(written.column("last_seen"), pa.int64()).to_pylist()
+        begin = arrow.int64_values(written.column("first_seen")).tolist()
+        end = arrow.int64_values(written.column("last_seen")).tolist()
         for key, b, e in zip(_endpoint_pairs(written), begin, end):
             spans.setdefault(key, []).append((b, e))
     keep = [not any(b <= seen <= e for b, e in spans.get(key, ()))
-            for key, seen in zip(_endpoint_pairs(table), first.to_pylist())]
+            for key, seen in zip(_endpoint_pairs(table), first.tolist())]
     dropped = keep.count(False)
     if dropped:
         log.info("journal of %s-%s: %d flows reached a file after it; not written twice",

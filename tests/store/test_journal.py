@@ -222,6 +222,9 @@ p.tick(T0, wall=0.0)
 p.tick(T0, wall=10.0)
 assert p.compiled and p.data_dir and len(p.flows) == 3
 assert 'pyarrow.compute' not in sys.modules, 'pyarrow.compute imported'
+from collector.store import journal
+assert journal.recover(p.data_dir, 'c', 'w0') == 3  # nothing written since: no compute
+assert 'pyarrow.compute' not in sys.modules, 'pyarrow.compute imported by recovery'
 """
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
